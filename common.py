@@ -1,0 +1,446 @@
+"""
+common.py: the little every SynTrans stage shares.
+
+  1. plumbing: device, seeds, user errors, atomic checkpoints, the run folder
+  2. the ResNet-12 student
+  3. datasets (the toy world and the real benchmarks) and their class names
+  4. the CLIP teacher, loaded through open_clip only
+  5. feature extraction with an on-disk cache
+  6. few-shot episodes, ProtoNet and the 95% confidence interval
+
+Each stage script (01_distill.py ... 05_eval.py) tells its own story and imports
+only these pieces.
+"""
+import hashlib
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+FORMAT_VERSION = 1  # bump when the checkpoint layout changes; older files are refused
+
+# File names inside a run folder (`--run runs/toy`): every stage reads and writes there.
+STUDENT = "01_student.pt"           # distilled student (01_distill.py)
+STUDENT_CE = "01_student_ce.pt"     # CE-only student, the ablation baseline (01_distill.py --distill-weight 0)
+SEMANTICS = "02_semantics.pt"       # one semantic vector per class (02_mine.py)
+BRIDGE = "03_bridge.pt"             # (03_bridge.py)
+CLASSIFIER = "04_classifier.pt"     # (04_classifier.py)
+RESULTS = "results.json"            # (05_eval.py)
+
+
+# ----------------------------------------------------------------------------------
+# 1. Plumbing
+
+class UserError(Exception):
+    """A mistake in the input (a path, a flag, a missing stage) rather than a bug:
+    reported as one line that says what to do, without a traceback."""
+
+
+def run_main(main):
+    """Call a stage's main(); user errors become a one-line message and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def get_device(name=None):
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def file_id(path):
+    """A short content hash: identifies the exact upstream checkpoint a stage was built on."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, stage, config, dataset, classes, state, upstream=None, **extra):
+    """Every checkpoint is a plain dict of tensors, numbers and strings, so that it
+    loads with torch.load(weights_only=True). It records what made it: the stage,
+    its config, the dataset and class names per split, and the upstream checkpoints
+    (name -> content id) it was built on, so that the next stage can refuse a mismatch."""
+    ckpt = dict(format=FORMAT_VERSION, stage=stage, config=config, dataset=dataset,
+                classes=classes, state=state, upstream=upstream or {}, **extra)
+    atomic_save(ckpt, path)
+
+
+def load_checkpoint(path, stage, hint):
+    """Load a checkpoint written by `stage`; `hint` says how to make it when missing."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: {hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and {hint}")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else None
+        raise UserError(f"{path} has checkpoint format {found}, this code reads format {FORMAT_VERSION}: {hint}")
+    if ckpt.get("stage") != stage:
+        raise UserError(f"{path} was written by stage '{ckpt.get('stage')}', expected '{stage}': {hint}")
+    ckpt["id"] = file_id(path)
+    return ckpt
+
+
+def check_same_world(ckpt, path, dataset, classes=None, teacher=None):
+    """Refuse an upstream checkpoint built on another dataset, class list or teacher."""
+    if ckpt["dataset"] != dataset:
+        raise UserError(f"{path} was built on dataset '{ckpt['dataset']}', not '{dataset}': "
+                        f"use another --run folder or rerun that stage with --dataset {dataset}")
+    if classes is not None and ckpt["classes"] != classes:
+        raise UserError(f"{path} was built with other class names than dataset '{dataset}' has now: rerun that stage")
+    if teacher is not None and ckpt.get("teacher") != teacher:
+        raise UserError(f"{path} was built with teacher {ckpt.get('teacher')}, not {teacher}: "
+                        f"rerun that stage with the same --clip/--clip-pretrained")
+
+
+def add_common_args(p, dataset="toy", clip="toy-clip"):
+    """The flags every stage shares: where the run lives, what data and which teacher."""
+    p.add_argument("--run", default="runs/toy", help="run folder: every stage reads and writes its files here")
+    p.add_argument("--dataset", default=dataset, help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data-root", default=None, help="folder of the real dataset (unused for the toy world)")
+    p.add_argument("--clip", default=clip, help="open_clip model name (e.g. ViT-B-32), or toy-clip / toy-clip-tiny")
+    p.add_argument("--clip-pretrained", default=None,
+                   help="open_clip pretrained tag (e.g. openai) or a local checkpoint file; "
+                        "toy teachers are trained once and cached when omitted")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    return p
+
+
+# ----------------------------------------------------------------------------------
+# 2. The ResNet-12 student (the standard few-shot backbone: 4 residual blocks of
+#    three 3x3 convs, BN and LeakyReLU 0.1, each followed by a 2x2 max-pool)
+
+class DropBlock(nn.Module):
+    """DropBlock (Ghiasi et al. 2018): drops square blocks of a feature map while training."""
+
+    def __init__(self, drop_rate, block_size):
+        super().__init__()
+        self.drop_rate, self.block_size = drop_rate, block_size
+
+    def forward(self, x):
+        if not self.training or self.drop_rate == 0:
+            return x
+        h = x.shape[-1]
+        bs = min(self.block_size, h)
+        gamma = self.drop_rate / bs ** 2 * h ** 2 / max(h - bs + 1, 1) ** 2
+        seeds = (torch.rand(x.shape[0], x.shape[1], h, h, device=x.device) < gamma).float()
+        mask = 1 - F.max_pool2d(seeds, bs, stride=1, padding=bs // 2)[..., :h, :h]
+        return x * mask * mask.numel() / mask.sum().clamp(min=1)
+
+
+class Block(nn.Module):
+    def __init__(self, c_in, c_out, drop_rate=0.0, block_size=1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+        self.conv3, self.bn3 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.pool = nn.MaxPool2d(2)
+        self.drop = DropBlock(drop_rate, block_size)
+
+    def forward(self, x):
+        out = F.leaky_relu(self.bn1(self.conv1(x)), 0.1)
+        out = F.leaky_relu(self.bn2(self.conv2(out)), 0.1)
+        out = self.bn3(self.conv3(out))
+        out = F.leaky_relu(out + self.shortcut(x), 0.1)
+        return self.drop(self.pool(out))
+
+
+class ResNet12(nn.Module):
+    """ResNet-12: widths 64-160-320-640 by default (a 640-d feature after global
+    average pooling). The toy world uses a narrower one (e.g. 32-64-128-256) to
+    train on a CPU. DropBlock acts on the last two blocks, as in MetaOptNet."""
+
+    def __init__(self, widths=(64, 160, 320, 640), drop_rate=0.0, block_size=5):
+        super().__init__()
+        c = [3, *widths]
+        self.blocks = nn.Sequential(*[
+            Block(c[i], c[i + 1], drop_rate if i >= 2 else 0.0, block_size if i == 3 else 1) for i in range(4)])
+        self.out_dim = widths[-1]
+
+    def forward(self, x):
+        return self.blocks(x).mean(dim=(2, 3))
+
+
+IMAGE_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # the student's own normalisation
+IMAGE_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def to_student_input(images_uint8, device):
+    """uint8 [B,3,H,W] -> normalised float on `device` (the student's preprocessing)."""
+    x = images_uint8.to(device, non_blocking=True).float().div_(255)
+    return (x - IMAGE_MEAN.to(device)) / IMAGE_STD.to(device)
+
+
+# ----------------------------------------------------------------------------------
+# 3. Datasets. A Split holds one split's images (in memory as uint8, or as files read
+#    on demand), integer labels 0..C-1 and the readable class names the semantic
+#    stages use.
+
+@dataclass
+class Split:
+    dataset: str
+    split: str
+    classes: list                 # readable class names, index = label
+    labels: torch.Tensor          # [N] int64
+    images: torch.Tensor = None   # [N, 3, H, W] uint8 (in-memory datasets), or
+    paths: list = None            # N image files (read on demand)
+    size: int = 32                # the student's input size
+    ids: list = field(default_factory=list)  # dataset-specific class ids (wnids, CIFAR names)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def pil(self, i):
+        """Image i at its native resolution, as a PIL image (what open_clip's preprocessing takes)."""
+        from PIL import Image
+        if self.images is not None:
+            return Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
+        with Image.open(self.paths[i]) as im:
+            return im.convert("RGB")
+
+    def student_batch(self, idx):
+        """uint8 [B, 3, size, size] for the student."""
+        if self.images is not None and self.images.shape[-1] == self.size:
+            return self.images[idx]
+        from PIL import Image
+        out = [torch.from_numpy(np.asarray(self.pil(int(i)).resize((self.size, self.size), Image.BILINEAR)))
+               for i in idx]
+        return torch.stack(out).permute(0, 3, 1, 2).contiguous()
+
+
+class StudentImages(torch.utils.data.Dataset):
+    """Wraps a Split for a DataLoader (worker processes decode files in parallel);
+    items are (uint8 image, label, index in the split)."""
+
+    def __init__(self, split):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        return self.split.student_batch([i])[0], self.split.labels[i], i
+
+
+def _toy(name, split, root, seed=0):
+    import toyworld
+    images, labels, classes = toyworld.build_split(name, split, seed)
+    return Split(name, split, classes, labels, images=images, size=toyworld.SIZE, ids=list(classes))
+
+
+# name -> loader(name, split, root). The toy worlds are rendered on the fly.
+DATASETS = {"toy": _toy, "toy-tiny": _toy}
+SPLITS = ("train", "val", "test")  # base / validation / novel classes
+
+
+def load_split(dataset, split, root=None):
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset '{dataset}': choose one of {', '.join(DATASETS)}")
+    return DATASETS[dataset](dataset, split, root)
+
+
+def class_names(dataset, root=None):
+    """Readable class names per split: {"train": [...], "val": [...], "test": [...]}."""
+    return {s: load_split(dataset, s, root).classes for s in SPLITS}
+
+
+# ----------------------------------------------------------------------------------
+# 4. The CLIP teacher, always through open_clip: a model name plus `pretrained`, an
+#    open_clip tag ("openai", "laion2b_s34b_b79k", ...) or a local checkpoint file.
+
+TOY_TEACHERS = {"toy-clip": "toy", "toy-clip-tiny": "toy-tiny"}  # teacher -> the toy web set it learns from
+
+
+def cache_dir():
+    return os.environ.get("SYNTRANS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "syntrans"))
+
+
+def resolve_teacher(name, pretrained):
+    """(open_clip model name, pretrained tag/file) for a teacher. The toy teachers are
+    an open_clip config shipped in data/ plus a checkpoint file trained once here."""
+    import open_clip
+    if name in TOY_TEACHERS:
+        import toyworld
+        open_clip.add_model_config(toyworld.TEACHER_CONFIG)
+        if pretrained is None:
+            pretrained = os.path.join(cache_dir(), f"{name}-v{FORMAT_VERSION}.pt")
+            if not os.path.exists(pretrained):
+                print(f"training the stand-in teacher {name} once (cached at {pretrained})")
+                toyworld.train_teacher(TOY_TEACHERS[name], pretrained)
+        return "toy-clip", pretrained
+    if name not in open_clip.list_models():
+        raise UserError(f"unknown teacher '{name}': choose toy-clip, toy-clip-tiny or an open_clip model "
+                        f"such as ViT-B-32, RN50, ViT-B-16 (open_clip.list_models() has all)")
+    return name, pretrained
+
+
+def load_teacher(name, pretrained=None, device="cpu"):
+    """Returns (model in eval mode with frozen parameters, image preprocess, tokenizer, identity)."""
+    import open_clip
+    arch, pretrained = resolve_teacher(name, pretrained)
+    if pretrained and not os.path.exists(pretrained) and pretrained not in open_clip.list_pretrained_tags_by_model(arch):
+        raise UserError(f"--clip-pretrained '{pretrained}' is neither a file nor an open_clip tag of {arch} "
+                        f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'})")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+    except RuntimeError as e:
+        if "download" in str(e).lower():
+            raise UserError(f"could not fetch the weights of {arch}/{pretrained} (offline?): download them once "
+                            f"on a connected machine and pass the file with --clip-pretrained")
+        raise
+    model.eval().requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(arch)
+    ident = {"name": name, "pretrained": pretrained if not (pretrained and os.path.exists(pretrained))
+             else os.path.basename(pretrained), "file_id": file_id(pretrained) if pretrained and os.path.exists(pretrained) else ""}
+    return model, preprocess, tokenizer, ident
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts, device, batch=256):
+    """L2-normalised text embeddings [len(texts), m]."""
+    out = [model.encode_text(tokenizer(texts[i:i + batch]).to(device)).float() for i in range(0, len(texts), batch)]
+    return F.normalize(torch.cat(out), dim=-1).cpu()
+
+
+# ----------------------------------------------------------------------------------
+# 5. Features of a whole split, computed once and cached in the run folder. The key
+#    records what produced them, so a changed model or dataset never reuses them.
+
+@torch.no_grad()
+def extract(fn, split, batch_fn, device, batch=256, desc="features"):
+    from tqdm import tqdm
+    feats = []
+    for i in tqdm(range(0, len(split), batch), desc=desc, leave=False, disable=len(split) <= 4 * batch):
+        feats.append(fn(batch_fn(range(i, min(i + batch, len(split)))).to(device)).float().cpu())
+    return torch.cat(feats)
+
+
+def cached_features(run, key, compute):
+    """Return compute() cached at run/cache/<hash of key>.pt; `key` is a dict naming the
+    model (and its checkpoint id), dataset and split."""
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(run, "cache", f"{key.get('kind', 'feat')}-{key.get('split', '')}-{h}.pt")
+    if os.path.exists(path):
+        try:
+            return torch.load(path, weights_only=True)["features"]
+        except Exception:
+            pass  # a broken cache file is simply recomputed
+    feats = compute()
+    atomic_save({"key": key, "features": feats}, path)
+    return feats
+
+
+def teacher_image_features(run, model, preprocess, ident, split, device):
+    """L2-normalised teacher embeddings of every image of a split, through the teacher's
+    own preprocessing (its resolution and normalisation), cached."""
+    def compute():
+        def batch_fn(idx):
+            return torch.stack([preprocess(split.pil(i)) for i in idx])
+        return F.normalize(extract(model.encode_image, split, batch_fn, device, desc=f"teacher {split.split}"), dim=-1)
+    key = dict(kind="teacher", teacher=ident, dataset=split.dataset, split=split.split, n=len(split))
+    return cached_features(run, key, compute)
+
+
+def student_features(run, student, student_id, split, device):
+    """Student features (before any head) of every image of a split, cached."""
+    student.eval()
+
+    def compute():
+        return extract(student, split, lambda idx: to_student_input(split.student_batch(list(idx)), device),
+                       device, desc=f"student {split.split}")
+    key = dict(kind="student", student=student_id, dataset=split.dataset, split=split.split, n=len(split))
+    return cached_features(run, key, compute)
+
+
+# ----------------------------------------------------------------------------------
+# 6. Few-shot episodes and ProtoNet
+
+def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, seed):
+    """A fixed list of N-way K-shot episodes, Q queries per class, from a labelled set.
+
+    Returns (classes [E, n_way], index [E, n_way, k_shot + n_query]): index[e, c, :k]
+    are the support images of class classes[e, c], the rest its queries (disjoint).
+    The same seed always gives the same episodes, so every method is scored on the
+    same ones."""
+    labels = torch.as_tensor(labels)
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    if n_classes < n_way:
+        raise ValueError(f"{n_way}-way episodes need {n_way} classes; this split has {n_classes}")
+    per_class = [torch.nonzero(labels == c).flatten() for c in range(n_classes)]
+    short = [c for c, idx in enumerate(per_class) if len(idx) < k_shot + n_query]
+    if short:
+        raise ValueError(f"{k_shot}-shot episodes with {n_query} queries need {k_shot + n_query} images per class; "
+                         f"class {short[0]} has {len(per_class[short[0]])}")
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.stack([torch.randperm(n_classes, generator=g)[:n_way] for _ in range(n_episodes)])
+    index = torch.stack([torch.stack([per_class[c][torch.randperm(len(per_class[c]), generator=g)[:k_shot + n_query]]
+                                      for c in ep.tolist()]) for ep in classes])
+    return classes, index
+
+
+def split_episodes(feats, index, k_shot):
+    """support [E, N, K, d] and query [E, N, Q, d] features of a batch of episodes."""
+    x = feats[index]
+    return x[:, :, :k_shot], x[:, :, k_shot:]
+
+
+def accuracy_from_logits(logits):
+    """logits [E, N, Q, N] (query of class n scored against every class) -> accuracy per episode [E]."""
+    target = torch.arange(logits.shape[1]).view(1, -1, 1)
+    return (logits.argmax(-1) == target).float().mean(dim=(1, 2))
+
+
+def protonet_logits(support, query):
+    """ProtoNet with cosine similarity: prototypes are mean support features."""
+    protos = F.normalize(support.mean(2), dim=-1)  # [E, N, d]
+    return torch.einsum("enqd,ecd->enqc", F.normalize(query, dim=-1), protos)
+
+
+def protonet_accuracy(feats, index, k_shot, batch=500):
+    """Per-episode ProtoNet accuracy [E] on precomputed features."""
+    accs = [accuracy_from_logits(protonet_logits(*split_episodes(feats, index[i:i + batch], k_shot)))
+            for i in range(0, len(index), batch)]
+    return torch.cat(accs)
+
+
+def ci95(values):
+    """Mean and 95% interval half-width (1.96 * std / sqrt(n)) of per-episode values."""
+    v = torch.as_tensor(values, dtype=torch.float64)
+    return v.mean().item(), (1.96 * v.std(unbiased=True) / len(v) ** 0.5).item() if len(v) > 1 else 0.0

@@ -1,0 +1,341 @@
+"""
+The offline toy world: a stand-in for the real benchmarks and for real CLIP.
+
+None of the real ingredients of SynTrans (miniImageNet, CIFAR-100, OpenAI's CLIP
+weights, a language model) can be reached from an offline laptop or CI box. This
+module builds a small world in which all five stages still have something to do
+and a measurable effect, on a 2-core CPU in minutes:
+
+* Images are rendered procedurally (pillow + numpy) from (class, index, seed), so
+  nothing is downloaded or shipped. A class is a combination of three attributes
+  (colour x pattern x shape, e.g. "red striped triangle"); placement, scale,
+  rotation, background clutter, a distractor object, colour jitter and pixel noise
+  keep one image from pinning its class down.
+* Few-shot splits: 64 base / 16 val / 20 novel classes, like miniImageNet. Every
+  val / novel class is an unseen combination of attribute values that each appear
+  in base classes. The student is data-starved: few images per base class.
+* A "web" set: many more images of *all* attribute combinations, with alt-text
+  style captions, rendered from seeds disjoint from the few-shot images. A small
+  open_clip model trained contrastively on it is our stand-in CLIP. It is saved as
+  an ordinary checkpoint file and loaded through open_clip's local-file path, the
+  same code that loads real CLIP weights.
+* Class names use each attribute's *label word* ("red", "striped", "triangle"),
+  which web captions use only rarely; captions mostly use plainer synonyms
+  ("crimson", "with stripes", "three-sided shape"). That mirrors the real world,
+  where a benchmark's label ("house finch") is rarer on the web than the visual
+  words that describe it, and it is why descriptions (stage 2) help over prompt
+  templates of the bare class name.
+* A describer stands in for a language model: it writes short descriptions from a
+  class's true attributes, in paraphrase, with a set fraction of wrong statements
+  (hallucinations) for SynMine to remove.
+
+The stage scripts never import this module directly: they see the dataset name
+"toy" and the teacher name "toy-clip" through common.py.
+"""
+import colorsys
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# ----------------------------------------------------------------------------------
+# Attributes. The first word of each list is the label word used in class names;
+# the others are the synonyms the "web" and the describer mostly use.
+
+COLOURS = {  # name -> (hue in [0,1), synonyms)
+    "red": (0.00, ["red", "crimson", "scarlet", "ruby-coloured"]),
+    "orange": (0.08, ["orange", "tangerine", "amber", "pumpkin-coloured"]),
+    "yellow": (0.16, ["yellow", "golden", "lemon-coloured", "canary"]),
+    "green": (0.33, ["green", "emerald", "leafy green", "grass-coloured"]),
+    "cyan": (0.50, ["cyan", "turquoise", "aqua", "teal"]),
+    "blue": (0.62, ["blue", "navy", "cobalt", "sapphire"]),
+    "purple": (0.76, ["purple", "violet", "lilac", "plum-coloured"]),
+    "pink": (0.90, ["pink", "rose", "magenta", "fuchsia"]),
+}
+PATTERNS = {
+    "solid": ["solid", "plain", "uniformly filled", "flat-coloured"],
+    "striped": ["striped", "with stripes", "lined", "banded"],
+    "dotted": ["dotted", "polka-dot", "spotted", "speckled with dots"],
+    "checkered": ["checkered", "chequered", "grid-patterned", "like a chessboard"],
+    "hollow": ["hollow", "outlined", "empty inside", "ring-like"],
+}
+SHAPES = {
+    "circle": ["circle", "round disc", "disk", "round shape"],
+    "square": ["square", "four-sided box", "box shape", "block"],
+    "triangle": ["triangle", "three-sided shape", "wedge", "three-cornered shape"],
+    "star": ["star", "five-pointed star", "starburst", "pointy star shape"],
+    "cross": ["cross", "plus sign", "plus shape", "cross mark"],
+    "hexagon": ["hexagon", "six-sided shape", "honeycomb cell", "six-cornered shape"],
+    "diamond": ["diamond", "rhombus", "lozenge", "kite shape"],
+    "arrow": ["arrow", "pointer", "arrowhead shape", "direction sign"],
+}
+COLOUR_NAMES, PATTERN_NAMES, SHAPE_NAMES = list(COLOURS), list(PATTERNS), list(SHAPES)
+
+RENDER = 64  # pixels; drawn at this size, then downsampled (anti-aliased) to SIZE
+SIZE = 32    # the stored image size, like CIFAR
+
+
+def class_name(attrs):
+    c, p, s = attrs
+    return f"{c} {p} {s}"
+
+
+def make_classes(seed=0, n_base=64, n_val=16, n_novel=20):
+    """Pick disjoint attribute combinations for base / val / novel classes.
+
+    Every attribute value of a val or novel class also occurs in some base class,
+    so the novel classes are unseen *combinations* of seen attributes."""
+    combos = [(c, p, s) for c in COLOUR_NAMES for p in PATTERN_NAMES for s in SHAPE_NAMES]
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        order = rng.permutation(len(combos))
+        picked = [combos[i] for i in order[: n_base + n_val + n_novel]]
+        base = picked[:n_base]
+        seen = [set(a[k] for a in base) for k in range(3)]
+        if all(len(seen[k]) == len((COLOUR_NAMES, PATTERN_NAMES, SHAPE_NAMES)[k]) for k in range(3)):
+            return {"train": base, "val": picked[n_base:n_base + n_val], "test": picked[n_base + n_val:]}
+    raise RuntimeError("could not split the toy classes so that base covers every attribute")
+
+
+# ----------------------------------------------------------------------------------
+# Rendering
+
+def _polygon(shape):
+    """Unit-radius outline of a shape as (k, 2) vertices."""
+    def ring(k, r=1.0, phase=0.0):
+        t = phase + 2 * np.pi * np.arange(k) / k
+        return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+    if shape == "circle":
+        return ring(28)
+    if shape == "square":
+        return ring(4, 1.0, np.pi / 4)
+    if shape == "triangle":
+        return ring(3, 1.0, -np.pi / 2)
+    if shape == "hexagon":
+        return ring(6)
+    if shape == "diamond":
+        return ring(4) * np.array([0.6, 1.0])
+    if shape == "star":
+        t = -np.pi / 2 + np.pi * np.arange(10) / 5
+        r = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
+        return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+    if shape == "cross":
+        a = 0.33
+        return np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1],
+                         [-a, a], [-1, a], [-1, -a], [-a, -a]], dtype=float)
+    if shape == "arrow":
+        return np.array([[-1, -0.3], [0.15, -0.3], [0.15, -0.8], [1, 0], [0.15, 0.8],
+                         [0.15, 0.3], [-1, 0.3]], dtype=float)
+    raise KeyError(shape)
+
+
+_POLYS = {s: _polygon(s) for s in SHAPE_NAMES}
+_YY, _XX = np.mgrid[0:RENDER, 0:RENDER].astype(np.float32)
+
+
+def _hsv(h, s, v):
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32) * 255
+
+
+def _mask(shape, cx, cy, radius, angle):
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    pts = _POLYS[shape] @ rot.T * radius + np.array([cx, cy])
+    img = Image.new("L", (RENDER, RENDER), 0)
+    ImageDraw.Draw(img).polygon([tuple(p) for p in pts], fill=255)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _texture(pattern, rng, mask):
+    """1 where the object shows its colour, 0 where it shows the second colour."""
+    if pattern == "solid":
+        return np.ones_like(mask)
+    th = rng.uniform(0, np.pi)
+    u = _XX * math.cos(th) + _YY * math.sin(th)
+    v = -_XX * math.sin(th) + _YY * math.cos(th)
+    period = rng.uniform(6.0, 10.0)
+    if pattern == "striped":
+        return (np.sin(2 * np.pi * u / period + rng.uniform(0, 6.3)) > 0).astype(np.float32)
+    if pattern == "checkered":
+        a = np.floor(u / period + rng.uniform(0, 1)) + np.floor(v / period + rng.uniform(0, 1))
+        return (a % 2).astype(np.float32)
+    if pattern == "dotted":
+        du = (u / period + rng.uniform(0, 1)) % 1.0 - 0.5
+        dv = (v / period + rng.uniform(0, 1)) % 1.0 - 0.5
+        return 1.0 - ((du ** 2 + dv ** 2) < 0.09).astype(np.float32)
+    if pattern == "hollow":
+        return np.ones_like(mask)  # handled in render(): the inside shows the background
+    raise KeyError(pattern)
+
+
+def render(attrs, rng):
+    """One RENDER x RENDER x 3 uint8 image of the object `attrs` = (colour, pattern, shape)."""
+    colour, pattern, shape = attrs
+    # background: a random dull colour with a gradient, plus clutter strokes
+    bg0 = _hsv(rng.uniform(), rng.uniform(0.0, 0.5), rng.uniform(0.25, 0.85))
+    bg1 = _hsv(rng.uniform(), rng.uniform(0.0, 0.5), rng.uniform(0.25, 0.85))
+    g = rng.uniform(-1, 1) * _XX / RENDER + rng.uniform(-1, 1) * _YY / RENDER
+    g = (g - g.min()) / (np.ptp(g) + 1e-6)
+    img = bg0 * (1 - g[..., None]) + bg1 * g[..., None]
+    canvas = Image.fromarray(img.astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(rng.integers(2, 7)):
+        xy = rng.uniform(0, RENDER, 4)
+        col = tuple(int(c) for c in _hsv(rng.uniform(), rng.uniform(0.2, 1), rng.uniform(0.3, 1)))
+        draw.line(list(xy), fill=col, width=int(rng.integers(1, 4)))
+    img = np.asarray(canvas, dtype=np.float32)
+
+    # a distractor object (random shape and colour) in half of the images
+    if rng.uniform() < 0.5:
+        m = _mask(SHAPE_NAMES[rng.integers(len(SHAPE_NAMES))], rng.uniform(8, RENDER - 8),
+                  rng.uniform(8, RENDER - 8), rng.uniform(6, 11), rng.uniform(0, 2 * np.pi))
+        col = _hsv(rng.uniform(), rng.uniform(0.4, 1), rng.uniform(0.4, 1))
+        img = img * (1 - m[..., None]) + col * m[..., None]
+
+    # the object: position, size and rotation vary; colour is jittered in hue and value
+    radius = rng.uniform(13, 24)
+    cx, cy = rng.uniform(radius * 0.7, RENDER - radius * 0.7, 2)
+    angle = rng.uniform(0, 2 * np.pi)
+    m = _mask(shape, cx, cy, radius, angle)
+    hue = COLOURS[colour][0] + rng.normal(0, 0.025)
+    main = _hsv(hue, rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0))
+    second = _hsv(rng.uniform(), rng.uniform(0, 0.3), rng.choice([0.1, 0.95]))  # near black or white
+    if pattern == "hollow":
+        inner = _mask(shape, cx, cy, radius * rng.uniform(0.5, 0.65), angle)
+        m = np.clip(m - inner, 0, 1)  # an outline: the inside shows the background
+        fg = main[None, None, :] * np.ones_like(img)
+    else:
+        t = _texture(pattern, rng, m)[..., None]
+        fg = main * t + second * (1 - t)
+    img = img * (1 - m[..., None]) + fg * m[..., None]
+
+    # global brightness jitter and pixel noise
+    img = img * rng.uniform(0.75, 1.15) + rng.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------
+# Few-shot splits and the web set
+
+# Sizes of the two toy configurations. "toy" is the default world of the README's
+# pipeline; "toy-tiny" is for tests (same classes, far fewer images).
+SCALES = {
+    "toy": dict(n_train=50, n_eval=60, n_web=40000, teacher_epochs=6),
+    "toy-tiny": dict(n_train=12, n_eval=24, n_web=3000, teacher_epochs=2),
+}
+_STREAMS = {"train": 1, "val": 2, "test": 3, "web": 4}  # disjoint seed streams
+
+
+def _render_many(attr_list, stream, seed):
+    out = np.empty((len(attr_list), SIZE, SIZE, 3), dtype=np.uint8)
+    for i, (key, attrs) in enumerate(attr_list):
+        img = render(attrs, np.random.default_rng([seed, _STREAMS[stream], *key]))
+        out[i] = np.asarray(Image.fromarray(img).resize((SIZE, SIZE), Image.BOX))
+    return out
+
+
+def build_split(name, split, seed=0):
+    """Render one few-shot split of the toy world `name` ("toy" or "toy-tiny").
+
+    Returns (images uint8 [N, 3, 32, 32], labels [N], class names). Deterministic:
+    the same (name, split, seed) gives the same pixels."""
+    classes = make_classes(seed)[split]
+    n = SCALES[name]["n_train" if split == "train" else "n_eval"]
+    items = [((ci, i), attrs) for ci, attrs in enumerate(classes) for i in range(n)]
+    # the class's global id (not its index in the split) keys its seeds
+    all_ids = {a: k for k, a in enumerate(sum(make_classes(seed).values(), []))}
+    items = [((all_ids[a], i), a) for (_, i), a in items]
+    images = torch.from_numpy(_render_many(items, split, seed)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.arange(len(classes)).repeat_interleave(n)
+    return images, labels, [class_name(a) for a in classes]
+
+
+def caption(attrs, rng, label_rate=0.15):
+    """Alt-text style caption: mentions a random subset of the attributes, mostly in
+    synonyms; the class-name label word is used with probability `label_rate`."""
+    c, p, s = attrs
+    say = rng.uniform(size=3) < 0.75
+    if not say.any():
+        say[rng.integers(3)] = True
+
+    def word(table, key):
+        words = table[key] if table is not COLOURS else COLOURS[key][1]
+        return words[0] if rng.uniform() < label_rate else words[rng.integers(1, len(words))]
+    prefix = ["a photo of a", "a picture of a", "an image of a", "a", "there is a", "look at this"][rng.integers(6)]
+    text = prefix
+    if say[0]:
+        text += " " + word(COLOURS, c)
+    text += " " + (word(SHAPES, s) if say[2] else ["object", "thing", "shape"][rng.integers(3)])
+    if say[1]:
+        text += ", " + word(PATTERNS, p)
+    return text
+
+
+def build_web(name, seed=0):
+    """The stand-in teacher's pretraining set: images of all attribute combinations
+    (including the novel classes' combinations: real CLIP has seen house finches
+    too) with captions, from a seed stream the few-shot splits never use."""
+    n = SCALES[name]["n_web"]
+    rng = np.random.default_rng([seed, _STREAMS["web"]])
+    attrs = [(COLOUR_NAMES[rng.integers(8)], PATTERN_NAMES[rng.integers(5)], SHAPE_NAMES[rng.integers(8)])
+             for _ in range(n)]
+    images = _render_many([((i,), a) for i, a in enumerate(attrs)], "web", seed)
+    caps = [caption(a, rng) for a in attrs]
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), caps
+
+
+# ----------------------------------------------------------------------------------
+# The describer: a stand-in for a language model (used by 02_mine.py through common.py)
+
+# (see issue 4: written with stage 2)
+
+
+# ----------------------------------------------------------------------------------
+# The stand-in CLIP: a small open_clip model trained contrastively on the web set
+
+TEACHER_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy-clip.json")
+
+
+def train_teacher(name, path, seed=0, batch_size=256, lr=2e-3, log=print):
+    """Train the stand-in CLIP for the toy world `name` and save its state dict to
+    `path` (an ordinary open_clip checkpoint file). Architecture: data/toy-clip.json,
+    built by open_clip's own classes (ModifiedResNet image tower, transformer text
+    tower). Loss: the symmetric InfoNCE of CLIP."""
+    import open_clip
+    import torch.nn.functional as F
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    open_clip.add_model_config(TEACHER_CONFIG)
+    torch.manual_seed(seed)
+    model = open_clip.create_model("toy-clip")
+    tokenizer = open_clip.get_tokenizer("toy-clip")
+    images, caps = build_web(name, seed)
+    tokens = tokenizer(caps)
+    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    epochs = SCALES[name]["teacher_epochs"]
+    steps = epochs * (len(images) // batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    step = 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(images), generator=g)
+        for b in range(len(images) // batch_size):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            x = (images[idx].float() / 255 - mean) / std
+            img_f, txt_f, scale = model(x, tokens[idx])
+            logits = scale * img_f @ txt_f.t()
+            target = torch.arange(len(idx))
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+        log(f"toy-clip epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}")
+    tmp = path + ".tmp"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model
