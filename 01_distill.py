@@ -53,7 +53,7 @@ import common
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_common_args(p)
-    p.add_argument("--widths", default="32,64,128,256", help="ResNet-12 widths (standard: 64,160,320,640)")
+    p.add_argument("--widths", default="16,32,64,128", help="ResNet-12 widths (standard: 64,160,320,640)")
     p.add_argument("--drop-rate", type=float, default=0.0, help="DropBlock rate of the last two blocks")
     p.add_argument("--epochs", type=int, default=30, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128, help="images per step")
@@ -112,15 +112,19 @@ def main(argv=None):
           f"{len(val.classes)} val classes; device {device}")
 
     # ---- teacher embeddings of the (unaugmented) training images, once, cached
-    teacher, preprocess, _, teacher_id = common.load_teacher(args.clip, args.clip_pretrained, device)
-    t_emb = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, train, device)
-    del teacher  # frozen and no longer needed: the proxy task only reads its embeddings
+    #      (the CE-only baseline needs no teacher at all)
+    t_emb, teacher_id = None, None
+    if args.distill_weight > 0:
+        teacher, preprocess, _, teacher_id = common.load_teacher(args.clip, args.clip_pretrained, device)
+        t_emb = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, train, device)
+        del teacher  # frozen and no longer needed: the proxy task only reads its embeddings
 
     # ---- the student f, the CE head W and the projection head p
     student = common.ResNet12(widths, drop_rate=args.drop_rate).to(device)
     ce_head = nn.Linear(student.out_dim, len(train.classes)).to(device)
+    emb_dim = t_emb.shape[1] if t_emb is not None else student.out_dim
     proj = nn.Sequential(nn.Linear(student.out_dim, student.out_dim), nn.ReLU(),
-                         nn.Linear(student.out_dim, t_emb.shape[1])).to(device)
+                         nn.Linear(student.out_dim, emb_dim)).to(device)
     params = [*student.parameters(), *ce_head.parameters(), *proj.parameters()]
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
     steps_per_epoch = len(train) // args.batch_size

@@ -154,7 +154,7 @@ def _texture(pattern, rng, mask):
     th = rng.uniform(0, np.pi)
     u = _XX * math.cos(th) + _YY * math.sin(th)
     v = -_XX * math.sin(th) + _YY * math.cos(th)
-    period = rng.uniform(6.0, 10.0)
+    period = rng.uniform(5.0, 9.0)
     if pattern == "striped":
         return (np.sin(2 * np.pi * u / period + rng.uniform(0, 6.3)) > 0).astype(np.float32)
     if pattern == "checkered":
@@ -186,21 +186,22 @@ def render(attrs, rng):
         draw.line(list(xy), fill=col, width=int(rng.integers(1, 4)))
     img = np.asarray(canvas, dtype=np.float32)
 
-    # a distractor object (random shape and colour) in half of the images
-    if rng.uniform() < 0.5:
+    # one or two distractor objects (random shape, colour and pattern), smaller than the object
+    for _ in range(rng.integers(1, 3)):
         m = _mask(SHAPE_NAMES[rng.integers(len(SHAPE_NAMES))], rng.uniform(8, RENDER - 8),
                   rng.uniform(8, RENDER - 8), rng.uniform(6, 11), rng.uniform(0, 2 * np.pi))
+        t = _texture(PATTERN_NAMES[rng.integers(4)], rng, m)[..., None]
         col = _hsv(rng.uniform(), rng.uniform(0.4, 1), rng.uniform(0.4, 1))
-        img = img * (1 - m[..., None]) + col * m[..., None]
+        img = img * (1 - m[..., None]) + (col * t + (255 - col) * 0.3 * (1 - t)) * m[..., None]
 
-    # the object: position, size and rotation vary; colour is jittered in hue and value
-    radius = rng.uniform(13, 24)
+    # the object: position, size and rotation vary; colour is jittered in hue, saturation and value
+    radius = rng.uniform(9, 19)
     cx, cy = rng.uniform(radius * 0.7, RENDER - radius * 0.7, 2)
     angle = rng.uniform(0, 2 * np.pi)
     m = _mask(shape, cx, cy, radius, angle)
-    hue = COLOURS[colour][0] + rng.normal(0, 0.025)
-    main = _hsv(hue, rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0))
-    second = _hsv(rng.uniform(), rng.uniform(0, 0.3), rng.choice([0.1, 0.95]))  # near black or white
+    hue = COLOURS[colour][0] + rng.normal(0, 0.05)
+    main = _hsv(hue, rng.uniform(0.45, 1.0), rng.uniform(0.5, 1.0))
+    second = main * rng.uniform(0.25, 0.6) + rng.uniform(0, 255 * 0.4, 3)  # a darker, greyer tone of it
     if pattern == "hollow":
         inner = _mask(shape, cx, cy, radius * rng.uniform(0.5, 0.65), angle)
         m = np.clip(m - inner, 0, 1)  # an outline: the inside shows the background
@@ -210,8 +211,16 @@ def render(attrs, rng):
         fg = main * t + second * (1 - t)
     img = img * (1 - m[..., None]) + fg * m[..., None]
 
+    # a few clutter strokes in front of the object (partial occlusion)
+    canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(rng.integers(0, 3)):
+        col = tuple(int(c) for c in _hsv(rng.uniform(), rng.uniform(0.2, 1), rng.uniform(0.3, 1)))
+        draw.line(list(rng.uniform(0, RENDER, 4)), fill=col, width=int(rng.integers(1, 3)))
+    img = np.asarray(canvas, dtype=np.float32)
+
     # global brightness jitter and pixel noise
-    img = img * rng.uniform(0.75, 1.15) + rng.normal(0, 8, img.shape)
+    img = img * rng.uniform(0.7, 1.2) + rng.normal(0, 14, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -221,7 +230,7 @@ def render(attrs, rng):
 # Sizes of the two toy configurations. "toy" is the default world of the README's
 # pipeline; "toy-tiny" is for tests (same classes, far fewer images).
 SCALES = {
-    "toy": dict(n_train=50, n_eval=60, n_web=40000, teacher_epochs=6),
+    "toy": dict(n_train=40, n_eval=60, n_web=40000, teacher_epochs=6),
     "toy-tiny": dict(n_train=12, n_eval=24, n_web=3000, teacher_epochs=2),
 }
 _STREAMS = {"train": 1, "val": 2, "test": 3, "web": 4}  # disjoint seed streams
@@ -251,7 +260,7 @@ def build_split(name, split, seed=0):
     return images, labels, [class_name(a) for a in classes]
 
 
-def caption(attrs, rng, label_rate=0.15):
+def caption(attrs, rng, label_rate=0.05):
     """Alt-text style caption: mentions a random subset of the attributes, mostly in
     synonyms; the class-name label word is used with probability `label_rate`."""
     c, p, s = attrs

@@ -1,0 +1,192 @@
+"""
+Stage 3 of SynTrans: VSBird, the visual-semantic bridge (both directions).
+
+Paper component: "a visual-semantic bridging module [that] enables bi-directional
+knowledge transfer between visual and semantic spaces, transforming explicit
+visual and implicit semantic knowledge into category-specific classifier weights"
+(Tang, He, Qin, IJCAI 2025; ../shared/DESIGN.md, stage 3).
+
+What it does
+  Two small maps are trained on the base classes, with the student frozen (its
+  features of the base images are extracted once and cached):
+    h: semantic -> visual.  A class's semantic vector t_c (stage 2) becomes a visual
+       classifier weight h(t_c) in the student's feature space. This is what lets a
+       novel class be recognised from its description alone, and what stage 4 fuses
+       with the few support images.
+    g: visual -> semantic.  An image feature f(x) lands in the semantic space, where
+       it can be compared with every t_c.
+  Losses (each with its own weight flag):
+    cls    h(t_c) as cosine-classifier weights classify the base features (CE): makes
+           h produce *discriminative* weights, not just average-looking ones.
+    centre h(t_c) stays near the class feature centre mu_c: anchors the weights to
+           where the class's images really are (a prototype target).
+    sem    g(f(x)) classified against {t_c} (CE): the visual -> semantic direction.
+    cyc_s  g(h(t_c)) ~ t_c and
+    cyc_v  h(g(mu_c)) ~ mu_c: cycle terms that tie the two directions together, so
+           that neither map can drift into a space only it understands; this is the
+           bi-directional transfer, and a regulariser for h on unseen classes.
+  Validation on the val classes: 5-way zero-shot accuracy of h(t) as weights on
+  student features, and 5-way 1-shot accuracy of a fixed mix of the support
+  prototype and h(t) (the SemFew-style fusion); the best epoch (by the mix) is kept.
+
+Inputs   <run>/01_student.pt, <run>/02_semantics.pt (or --semantics NAME)
+Outputs  <run>/03_bridge.pt (or --out NAME): h, g, config, upstream identities.
+
+Our choices: 2-layer MLPs with dropout, cosine losses on L2-normalised vectors,
+one learned temperature per cosine classifier, AdamW, the fixed mix
+w = normalise(normalise(p) + mix * normalise(h(t))) with mix = 1 in validation.
+"""
+import argparse
+import copy
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(p)
+    p.add_argument("--student", default=common.STUDENT, help="stage-1 checkpoint in the run folder")
+    p.add_argument("--semantics", default=common.SEMANTICS, help="stage-2 checkpoint in the run folder")
+    p.add_argument("--out", default=common.BRIDGE, help="checkpoint name in the run folder")
+    p.add_argument("--hidden", type=int, default=512, help="hidden width of h and g")
+    p.add_argument("--dropout", type=float, default=0.3, help="dropout inside h and g")
+    p.add_argument("--epochs", type=int, default=60, help="passes over the base features")
+    p.add_argument("--batch-size", type=int, default=256, help="base features per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay")
+    p.add_argument("--w-cls", type=float, default=1.0, help="weight of the cls term (h(t) classifies base features)")
+    p.add_argument("--w-centre", type=float, default=1.0, help="weight of the centre term (h(t_c) ~ mu_c)")
+    p.add_argument("--w-sem", type=float, default=1.0, help="weight of the sem term (g(f(x)) classified against t)")
+    p.add_argument("--w-cyc-s", type=float, default=1.0, help="weight of the semantic cycle g(h(t)) ~ t")
+    p.add_argument("--w-cyc-v", type=float, default=1.0, help="weight of the visual cycle h(g(mu)) ~ mu")
+    p.add_argument("--mix", type=float, default=1.0, help="weight of h(t) in the fixed mix used for validation")
+    p.add_argument("--val-episodes", type=int, default=300, help="fixed 5-way val episodes")
+    return p.parse_args(argv)
+
+
+def mlp(d_in, d_hidden, d_out, dropout):
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.LeakyReLU(0.1), nn.Dropout(dropout), nn.Linear(d_hidden, d_out))
+
+
+class Bridge(nn.Module):
+    """h: semantic (m) -> visual (d) and g: visual (d) -> semantic (m); both directions
+    work on L2-normalised vectors and return L2-normalised vectors."""
+
+    def __init__(self, sem_dim, vis_dim, hidden=512, dropout=0.3):
+        super().__init__()
+        self.h = mlp(sem_dim, hidden, vis_dim, dropout)
+        self.g = mlp(vis_dim, hidden, sem_dim, dropout)
+        self.scale_v = nn.Parameter(torch.tensor(10.0))  # temperatures of the two cosine classifiers
+        self.scale_s = nn.Parameter(torch.tensor(10.0))
+
+    def to_visual(self, t):
+        return F.normalize(self.h(F.normalize(t, dim=-1)), dim=-1)
+
+    def to_semantic(self, v):
+        return F.normalize(self.g(F.normalize(v, dim=-1)), dim=-1)
+
+
+def cos_loss(a, b):
+    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+
+
+def fixed_mix(protos, sem_weights, mix):
+    """The SemFew-style fusion: normalised prototype plus `mix` times the normalised
+    semantic weight (no learning; stage 4 learns this adaptively)."""
+    return F.normalize(F.normalize(protos, dim=-1) + mix * F.normalize(sem_weights, dim=-1), dim=-1)
+
+
+@torch.no_grad()
+def evaluate(bridge, feats, t, episodes_cls, episodes_idx, mix):
+    """(zero-shot %, 1-shot fixed-mix %) on episodes of one split."""
+    bridge.eval()
+    w_sem = bridge.to_visual(t)[episodes_cls]                       # [E, N, d]
+    support, query = common.split_episodes(feats, episodes_idx, 1)
+    q = F.normalize(query, dim=-1)
+    zero = common.accuracy_from_logits(torch.einsum("enqd,ecd->enqc", q, w_sem))
+    mixed = common.accuracy_from_logits(torch.einsum("enqd,ecd->enqc", q, fixed_mix(support.mean(2), w_sem, mix)))
+    return zero.mean().item() * 100, mixed.mean().item() * 100
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = common.get_device(args.device)
+    common.set_seed(args.seed)
+    classes = common.class_names(args.dataset, args.data_root)
+
+    # ---- upstream: the frozen student and the semantic vectors, refusing mismatches
+    student_path = os.path.join(args.run, args.student)
+    sem_path = os.path.join(args.run, args.semantics)
+    st = common.load_checkpoint(student_path, "distill", f"run 01_distill.py --run {args.run} first")
+    common.check_same_world(st, student_path, args.dataset, classes)
+    sem = common.load_checkpoint(sem_path, "mine", f"run 02_mine.py --run {args.run} first")
+    common.check_same_world(sem, sem_path, args.dataset, classes)
+    student = common.ResNet12(tuple(st["config"]["widths"])).to(device)
+    student.load_state_dict(st["state"]["student"])
+
+    train = common.load_split(args.dataset, "train", args.data_root)
+    val = common.load_split(args.dataset, "val", args.data_root)
+    f_train = common.student_features(args.run, student, st["id"], train, device)
+    f_val = common.student_features(args.run, student, st["id"], val, device)
+    y_train = train.labels
+    t_train, t_val = sem["state"]["train"].float(), sem["state"]["val"].float()
+    n_base = len(train.classes)
+    # class centres of the normalised base features: the targets of the centre term
+    centres = F.normalize(torch.stack([F.normalize(f_train[y_train == c], dim=-1).mean(0) for c in range(n_base)]), dim=-1)
+    val_cls, val_idx = common.sample_episodes(val.labels, 5, 1, 15, args.val_episodes, seed=args.seed)
+    print(f"{args.dataset}: {len(f_train)} base features (d={f_train.shape[1]}), semantics m={t_train.shape[1]}")
+
+    bridge = Bridge(t_train.shape[1], f_train.shape[1], args.hidden, args.dropout).to(device)
+    opt = torch.optim.AdamW(bridge.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    f_train, y_train, t_train, centres = f_train.to(device), y_train.to(device), t_train.to(device), centres.to(device)
+    f_val, t_val = f_val.to(device), t_val.to(device)
+    weights = {"cls": args.w_cls, "centre": args.w_centre, "sem": args.w_sem, "cyc_s": args.w_cyc_s, "cyc_v": args.w_cyc_v}
+
+    from tqdm import tqdm
+    t0, best, history = time.time(), (-1.0, None), []
+    bar = tqdm(range(args.epochs), desc="bridge")
+    for epoch in bar:
+        bridge.train()
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        for idx in torch.randperm(len(f_train), generator=g).split(args.batch_size):
+            x, y = F.normalize(f_train[idx], dim=-1), y_train[idx]
+            w = bridge.to_visual(t_train)                          # [C, d]: h(t_c) for every base class
+            s = bridge.to_semantic(x)                              # [B, m]: g(f(x))
+            terms = {
+                "cls": F.cross_entropy(bridge.scale_v * x @ w.t(), y),
+                "centre": cos_loss(w, centres),
+                "sem": F.cross_entropy(bridge.scale_s * s @ F.normalize(t_train, dim=-1).t(), y),
+                "cyc_s": cos_loss(bridge.to_semantic(w), t_train),
+                "cyc_v": cos_loss(bridge.to_visual(bridge.to_semantic(centres)), centres),
+            }
+            loss = sum(weights[k] * v for k, v in terms.items())
+            if not torch.isfinite(loss):
+                raise common.UserError(f"bridge loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        zero, mixed = evaluate(bridge, f_val, t_val, val_cls, val_idx, args.mix)
+        history.append({"epoch": epoch + 1, "loss": loss.item(), "val_zero_shot": zero, "val_1shot_mix": mixed})
+        if mixed > best[0]:
+            best = (mixed, copy.deepcopy(bridge.state_dict()))
+        bar.set_postfix(loss=f"{loss.item():.3f}", zero=f"{zero:.1f}", mix=f"{mixed:.1f}")
+
+    out = os.path.join(args.run, args.out)
+    config = vars(args)
+    common.save_checkpoint(out, "bridge", config, args.dataset, classes, state=best[1],
+                           upstream={args.student: st["id"], args.semantics: sem["id"]},
+                           dims={"sem": t_train.shape[1], "vis": f_train.shape[1]},
+                           history=history, best_acc=best[0], seconds=time.time() - t0)
+    last = history[-1]
+    print(f"wrote {out}: best val 1-shot fixed mix {best[0]:.2f}% (last epoch: zero-shot {last['val_zero_shot']:.2f}%, "
+          f"mix {last['val_1shot_mix']:.2f}%), {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,238 @@
+"""
+Stage 4 of SynTrans: the visual weight generator, the semantic weight
+reconstructor and their adaptive fusion into one few-shot classifier.
+
+Paper component: "a visual weight generator and a semantic weight reconstructor
+to adaptively construct optimal multimodal FSL classifiers" (Tang, He, Qin,
+IJCAI 2025; ../shared/DESIGN.md, stage 4).
+
+What it does (meta-trained on base-class episodes; student and bridge frozen)
+  For each class c of an episode, with support features S_c (K shots):
+    visual weight generator     w_v = a * mean(S_c) + b * attention read-out over the
+                                base-class weights (Gidaris & Komodakis 2018): each shot
+                                asks "which base classes do I look like?" and borrows
+                                their weights. With one noisy shot this borrowed
+                                knowledge is what helps most.
+    semantic weight reconstructor  w_s = h(t_c) + R([h(t_c), w_v, K]): starts from the
+                                bridge's semantic weight (stage 3) and refines it in the
+                                visual space with the episode's support evidence; it is
+                                also trained to reconstruct the class's full-data weight
+                                (for base classes the true feature centre is known).
+    adaptive fusion             alpha = gate([w_v, w_s, w_v * w_s, log K]) in (0, 1) per
+                                class; w = alpha * w_v + (1 - alpha) * w_s. With one shot
+                                the gate should lean on semantics, with five on vision.
+  Queries are scored by a cosine classifier with a learned temperature:
+      loss = CE(s * cos(q, w), y) + rec * (1 - cos(w_s, mu_c))
+  During meta-training the episode's own classes are hidden from the attention
+  memory, so that base classes play the part of novel ones (as in Gidaris & Komodakis).
+
+Inputs   <run>/01_student.pt, <run>/02_semantics.pt, <run>/03_bridge.pt
+Outputs  <run>/04_classifier.pt (or --out NAME): generator, reconstructor, gate,
+         temperature, config, upstream identities.
+
+Our choices: base-class weights = normalised base feature centres (or the stage-1
+CE head with --base-weights head); shot count drawn per batch from --shots so one
+model serves 1-shot and 5-shot; AdamW; best checkpoint by mean val accuracy over
+1-shot and 5-shot episodes.
+"""
+import argparse
+import copy
+import importlib
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+Bridge = importlib.import_module("03_bridge").Bridge  # the bridge's own class, so its weights load as trained
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(p)
+    p.add_argument("--student", default=common.STUDENT, help="stage-1 checkpoint in the run folder")
+    p.add_argument("--semantics", default=common.SEMANTICS, help="stage-2 checkpoint in the run folder")
+    p.add_argument("--bridge", default=common.BRIDGE, help="stage-3 checkpoint in the run folder")
+    p.add_argument("--out", default=common.CLASSIFIER, help="checkpoint name in the run folder")
+    p.add_argument("--base-weights", default="centres", choices=["centres", "head"],
+                   help="attention memory: normalised base feature centres, or the stage-1 CE head")
+    p.add_argument("--shots", default="1,5", help="shot counts drawn during meta-training")
+    p.add_argument("--n-way", type=int, default=5, help="classes per training episode")
+    p.add_argument("--n-query", type=int, default=15, help="queries per class in training episodes")
+    p.add_argument("--steps", type=int, default=1500, help="meta-training steps")
+    p.add_argument("--episodes-per-step", type=int, default=8, help="episodes in one step's batch")
+    p.add_argument("--hidden", type=int, default=256, help="hidden width of the reconstructor and the gate")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine decay)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay")
+    p.add_argument("--w-rec", type=float, default=1.0, help="weight of the reconstruction term")
+    p.add_argument("--finetune-bridge", action="store_true", help="let the bridge's h train too (default frozen)")
+    p.add_argument("--shuffle-semantics", action="store_true",
+                   help="ablation/test: shuffle semantic vectors across classes (they then carry no information)")
+    p.add_argument("--val-every", type=int, default=100, help="validate every this many steps")
+    p.add_argument("--val-episodes", type=int, default=300, help="fixed val episodes per shot count")
+    return p.parse_args(argv)
+
+
+def mlp(d_in, d_hidden, d_out):
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.LeakyReLU(0.1), nn.Linear(d_hidden, d_out))
+
+
+class FewShotClassifier(nn.Module):
+    def __init__(self, base_weights, hidden=256):
+        super().__init__()
+        n_base, d = base_weights.shape
+        # -- visual weight generator (attention over the base-class weights)
+        self.register_buffer("base_w", F.normalize(base_weights, dim=-1))  # values: fixed base weights
+        self.base_keys = nn.Parameter(F.normalize(base_weights, dim=-1).clone())  # learned keys
+        self.att_query = nn.Linear(d, d)
+        nn.init.eye_(self.att_query.weight), nn.init.zeros_(self.att_query.bias)
+        self.att_scale = nn.Parameter(torch.tensor(10.0))
+        self.phi_avg = nn.Parameter(torch.ones(d))
+        self.phi_att = nn.Parameter(torch.full((d,), 0.5))
+        # -- semantic weight reconstructor: a residual refinement of h(t_c)
+        self.rec = mlp(2 * d + 1, hidden, d)
+        nn.init.zeros_(self.rec[-1].weight), nn.init.zeros_(self.rec[-1].bias)  # starts as the identity: w_s = h(t)
+        # -- adaptive fusion gate and the classifier's temperature
+        self.gate = mlp(3 * d + 1, hidden, 1)
+        self.scale = nn.Parameter(torch.tensor(10.0))
+
+    def visual_weight(self, support, hide=None):
+        """support [E, N, K, d] -> w_v [E, N, d]; `hide` [E, N] base classes to hide from attention."""
+        s = F.normalize(support, dim=-1)
+        att = self.att_scale * F.normalize(self.att_query(s), dim=-1) @ F.normalize(self.base_keys, dim=-1).t()
+        if hide is not None:  # an episode's own (base) classes must not answer for themselves
+            mask = torch.zeros(*hide.shape[:1], 1, 1, self.base_w.shape[0], dtype=torch.bool, device=s.device)
+            mask.scatter_(-1, hide.view(hide.shape[0], 1, 1, -1), True)
+            att = att.masked_fill(mask, float("-inf"))
+        read = (att.softmax(-1) @ self.base_w).mean(2)  # [E, N, d]
+        return F.normalize(self.phi_avg * s.mean(2) + self.phi_att * read, dim=-1)
+
+    def forward(self, support, sem_weight, hide=None):
+        """support [E, N, K, d], sem_weight [E, N, d] = h(t_c) -> (w, w_v, w_s, alpha)."""
+        k = torch.full((*support.shape[:2], 1), math.log(support.shape[2]), device=support.device)
+        w_v = self.visual_weight(support, hide)
+        hs = F.normalize(sem_weight, dim=-1)
+        w_s = F.normalize(hs + self.rec(torch.cat([hs, w_v, k], -1)), dim=-1)
+        alpha = torch.sigmoid(self.gate(torch.cat([w_v, w_s, w_v * w_s, k], -1)))
+        w = F.normalize(alpha * w_v + (1 - alpha) * w_s, dim=-1)
+        return w, w_v, w_s, alpha.squeeze(-1)
+
+    def logits(self, query, w):
+        """query [E, N, Q, d], w [E, N, d] -> [E, N, Q, N]."""
+        return self.scale * torch.einsum("enqd,ecd->enqc", F.normalize(query, dim=-1), w)
+
+
+def load_upstream(args, classes, device):
+    """The frozen student, the semantic vectors and the bridge, checked against each other."""
+    hint = {"distill": "run 01_distill.py", "mine": "run 02_mine.py", "bridge": "run 03_bridge.py"}
+    paths = {"distill": args.student, "mine": args.semantics, "bridge": args.bridge}
+    ck = {}
+    for stage, name in paths.items():
+        path = os.path.join(args.run, name)
+        ck[stage] = common.load_checkpoint(path, stage, f"{hint[stage]} --run {args.run} first")
+        common.check_same_world(ck[stage], path, args.dataset, classes)
+    up = ck["bridge"]["upstream"]
+    for stage in ("distill", "mine"):
+        if up.get(paths[stage]) != ck[stage]["id"]:
+            raise common.UserError(f"{args.bridge} was built on another {paths[stage]} than the one in {args.run}: "
+                                   f"rerun 03_bridge.py --run {args.run}")
+    student = common.ResNet12(tuple(ck["distill"]["config"]["widths"])).to(device)
+    student.load_state_dict(ck["distill"]["state"]["student"])
+    bcfg = ck["bridge"]["config"]
+    bridge = Bridge(ck["bridge"]["dims"]["sem"], ck["bridge"]["dims"]["vis"], bcfg["hidden"], bcfg["dropout"]).to(device)
+    bridge.load_state_dict(ck["bridge"]["state"])
+    return ck, student, bridge
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = common.get_device(args.device)
+    common.set_seed(args.seed)
+    classes = common.class_names(args.dataset, args.data_root)
+    ck, student, bridge = load_upstream(args, classes, device)
+
+    train = common.load_split(args.dataset, "train", args.data_root)
+    val = common.load_split(args.dataset, "val", args.data_root)
+    f_train = common.student_features(args.run, student, ck["distill"]["id"], train, device).to(device)
+    f_val = common.student_features(args.run, student, ck["distill"]["id"], val, device).to(device)
+    t = {s: ck["mine"]["state"][s].float().to(device) for s in ("train", "val")}
+    if args.shuffle_semantics:  # semantics that carry no information about their class
+        g = torch.Generator().manual_seed(args.seed)
+        t = {s: v[torch.randperm(len(v), generator=g).to(device)] for s, v in t.items()}
+    n_base = len(train.classes)
+    centres = F.normalize(torch.stack([F.normalize(f_train[train.labels.to(device) == c], dim=-1).mean(0)
+                                       for c in range(n_base)]), dim=-1)
+    base_w = centres if args.base_weights == "centres" else ck["distill"]["state"]["ce_head"]["weight"].to(device)
+
+    model = FewShotClassifier(base_w, args.hidden).to(device)
+    bridge.train(args.finetune_bridge).requires_grad_(args.finetune_bridge)
+    params = list(model.parameters()) + (list(bridge.h.parameters()) if args.finetune_bridge else [])
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
+    shots = [int(k) for k in args.shots.split(",")]
+    val_eps = {k: common.sample_episodes(val.labels, 5, k, 15, args.val_episodes, seed=args.seed + k) for k in shots}
+
+    def score(feats, t_split, cls, idx, k, hide=None):
+        support, query = common.split_episodes(feats, idx, k)
+        w, w_v, w_s, alpha = model(support, bridge.to_visual(t_split)[cls], hide)
+        return model.logits(query, w), w_s, alpha
+
+    @torch.no_grad()
+    def validate():
+        model.eval(), bridge.eval()
+        out = {}
+        for k, (cls, idx) in val_eps.items():
+            logits, _, alpha = score(f_val, t["val"], cls.to(device), idx.to(device), k)
+            out[k] = (common.accuracy_from_logits(logits).mean().item() * 100, alpha.mean().item())
+        model.train(), bridge.train(args.finetune_bridge)
+        return out
+
+    from tqdm import tqdm
+    t0, best, history = time.time(), (-1.0, None), []
+    target = torch.arange(args.n_way, device=device).view(1, -1, 1).expand(args.episodes_per_step, -1, args.n_query)
+    bar = tqdm(range(args.steps), desc="meta-train")
+    for step in bar:
+        k = shots[step % len(shots)]
+        cls, idx = common.sample_episodes(train.labels, args.n_way, k, args.n_query, args.episodes_per_step,
+                                          seed=args.seed * 100003 + step)
+        cls, idx = cls.to(device), idx.to(device)
+        logits, w_s, alpha = score(f_train, t["train"], cls, idx, k, hide=cls)
+        loss_q = F.cross_entropy(logits.reshape(-1, args.n_way), target.reshape(-1))
+        loss_rec = (1 - F.cosine_similarity(w_s, centres[cls], dim=-1)).mean()  # full-data weight of base classes
+        loss = loss_q + args.w_rec * loss_rec
+        if not torch.isfinite(loss):
+            raise common.UserError(f"classifier loss became {loss.item()} at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
+            v = validate()
+            mean_acc = sum(a for a, _ in v.values()) / len(v)
+            history.append({"step": step + 1, "loss": loss.item(),
+                            **{f"val_{k}shot": a for k, (a, _) in v.items()},
+                            **{f"gate_{k}shot": g for k, (_, g) in v.items()}})
+            if mean_acc > best[0]:
+                best = (mean_acc, {"model": copy.deepcopy(model.state_dict()),
+                                   "bridge": copy.deepcopy(bridge.state_dict())})
+            bar.set_postfix(loss=f"{loss.item():.3f}", **{f"val{k}": f"{a:.1f}" for k, (a, _) in v.items()})
+
+    out = os.path.join(args.run, args.out)
+    config = vars(args)
+    common.save_checkpoint(out, "classifier", config, args.dataset, classes, state=best[1],
+                           upstream={args.student: ck["distill"]["id"], args.semantics: ck["mine"]["id"],
+                                     args.bridge: ck["bridge"]["id"]},
+                           n_base=n_base, dim=f_train.shape[1], history=history, best_acc=best[0],
+                           seconds=time.time() - t0)
+    h = history[-1]
+    print(f"wrote {out}: best mean val accuracy {best[0]:.2f}%; last: " +
+          ", ".join(f"{k}-shot {h[f'val_{k}shot']:.2f}% (gate {h[f'gate_{k}shot']:.2f})" for k in shots) +
+          f"; {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
