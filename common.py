@@ -265,8 +265,155 @@ def _toy(name, split, root, seed=0):
     return Split(name, split, classes, labels, images=images, size=toyworld.SIZE, ids=list(classes))
 
 
+# The four real benchmarks. Their class lists (id, readable name) are the project's own
+# files data/splits/<dataset>/<split>.tsv (made from ../shared/splits, see the README
+# there); the row order of a file fixes the labels 0..C-1 of that split.
+
+SPLIT_DIR = os.path.join(REPO, "data", "splits")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # compared in lower case: .JPEG counts
+_CIFAR = "the folder that holds cifar-100-python/ (add --download to fetch it)"
+_FOLDERS = "train/, val/, test/ holding one folder of images per wnid"
+LAYOUTS = {"cifar-fs": _CIFAR, "fc100": _CIFAR, "tiered-imagenet": f"a folder with {_FOLDERS}",
+           "mini-imagenet": f"a folder with images/ and train.csv, val.csv, test.csv (Ravi layout) or {_FOLDERS}"}
+
+
+def split_classes(dataset, split):
+    """[(id, readable name), ...] of one split, in label order."""
+    path = os.path.join(SPLIT_DIR, dataset, f"{split}.tsv")
+    with open(path, encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()][1:]  # [1:]: the header
+    for row in rows:
+        if len(row) < 2 or not row[1].strip():
+            raise UserError(f"class {row[0]} has no readable name in {path}: add it (a second, tab-separated column)")
+    return [(row[0], row[1]) for row in rows]
+
+
+def _data_root(dataset, root):
+    if not root or not os.path.isdir(root):
+        problem = f"--data-root {root} is not a folder" if root else "no --data-root given"
+        raise UserError(f"{problem}: {dataset} needs {LAYOUTS[dataset]}")
+    return root
+
+
+def _make_split(dataset, split, classes, labels, where, **data):
+    """The Split, once every class of the split is known to have at least one image."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    counts = torch.bincount(labels, minlength=len(classes))
+    if (counts == 0).any():
+        cid, name = classes[int(torch.nonzero(counts == 0)[0])]
+        raise UserError(f"{dataset} {split} class {cid} ({name}) has no images in {where}: the dataset is incomplete")
+    return Split(dataset, split, [n for _, n in classes], labels, ids=[c for c, _ in classes], **data)
+
+
+def read_cifar100(root):
+    """CIFAR-100 train + test from the 'python version' pickles, read with our own few lines
+    (torchvision's reader verifies checksums): (uint8 images [N,3,32,32], fine labels [N], fine names)."""
+    import pickle
+    parts = []
+    for name in ("meta", "train", "test"):
+        path = os.path.join(root, "cifar-100-python", name)
+        try:  # the official files hold a dict with bytes keys (b"data", b"fine_labels", ...)
+            with open(path, "rb") as f:
+                d = {k.decode() if isinstance(k, bytes) else k: v for k, v in pickle.load(f, encoding="bytes").items()}
+            if name == "meta":
+                names = [n.decode() if isinstance(n, bytes) else n for n in d["fine_label_names"]]
+            else:  # "data": a row of 3072 bytes per image, its red, green and blue 32x32 planes
+                parts.append((torch.from_numpy(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)),
+                              torch.as_tensor(d["fine_labels"], dtype=torch.int64)))
+        except FileNotFoundError:
+            raise UserError(f"{path} not found: --data-root should be {_CIFAR}")
+        except Exception as e:  # not a pickle, truncated, another dict...
+            raise UserError(f"{path} is not a CIFAR-100 python-version pickle ({type(e).__name__}: {e}): "
+                            f"delete cifar-100-python/ and fetch it again (--download)")
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]), names
+
+
+def download(dataset, root):
+    """Fetch CIFAR-100 into root/cifar-100-python with torchvision (used only to download)."""
+    if LAYOUTS.get(dataset) != _CIFAR or not root:
+        raise UserError("--download needs --dataset cifar-fs or fc100 and a --data-root")
+    import torchvision
+    try:
+        torchvision.datasets.CIFAR100(root, train=True, download=True)
+    except Exception as e:  # offline, disk full, ...
+        raise UserError(f"could not download CIFAR-100 into {root} ({type(e).__name__}: {e})")
+
+
+def _cifar(dataset, split, root):
+    """cifar-fs (64/16/20 classes) and fc100 (60/20/20, by superclass): all 600 images of a class, 32x32."""
+    images, fine, names = read_cifar100(_data_root(dataset, root))
+    classes = split_classes(dataset, split)
+    index = {cid: c for c, (cid, _) in enumerate(classes)}
+    labels = torch.tensor([index.get(n, -1) for n in names])[fine]  # -1: a class of another split
+    keep = labels >= 0
+    return _make_split(dataset, split, classes, labels[keep], os.path.join(root, "cifar-100-python"),
+                       images=images[keep], size=32)
+
+
+def _ravi(dataset, split, root, index):
+    """Ravi & Larochelle's layout: images/<file> plus <split>.csv rows 'filename,label' (label = wnid)."""
+    import csv
+    path = os.path.join(root, f"{split}.csv")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: --data-root should be {LAYOUTS[dataset]}")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [(n, row) for n, row in enumerate(csv.reader(f), start=1) if row]
+    if not rows or rows[0][1] != ["filename", "label"]:
+        raise UserError(f"{path} does not start with the header 'filename,label' of the Ravi split files")
+    present = set(os.listdir(os.path.join(root, "images")))
+    for n, row in rows[1:]:
+        if len(row) != 2 or row[1] not in index:
+            raise UserError(f"{path} line {n}: {','.join(row)!r} does not name one of the {len(index)} "
+                            f"{dataset} {split} wnids (data/splits/{dataset}/{split}.tsv)")
+        if row[0] not in present:
+            raise UserError(f"{os.path.join(root, 'images', row[0])} (listed in {path} line {n}) not found")
+    return [os.path.join(root, "images", r[0]) for _, r in rows[1:]], [index[r[1]] for _, r in rows[1:]], path
+
+
+def _folders(dataset, split, root, index):
+    """The folder layout: <split>/<wnid>/<image>, any image extension."""
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder} not found: --data-root should be {LAYOUTS[dataset]}")
+    paths, labels = [], []
+    for wnid in sorted(os.listdir(folder)):
+        sub = os.path.join(folder, wnid)
+        if wnid.startswith(".") or not os.path.isdir(sub):
+            continue  # stray files (.DS_Store, a README)
+        if wnid not in index:
+            raise UserError(f"unknown class folder {sub}: not one of the {len(index)} {dataset} {split} wnids "
+                            f"(data/splits/{dataset}/{split}.tsv)")
+        files = sorted(f for f in os.listdir(sub) if os.path.splitext(f)[1].lower() in IMAGE_EXTS)
+        paths += [os.path.join(sub, f) for f in files]
+        labels += [index[wnid]] * len(files)
+    return paths, labels, folder
+
+
+def _imagenet(dataset, split, root):
+    """mini-imagenet (Ravi or folder layout) and tiered-imagenet (folder layout): image files
+    read on demand, resized to 84x84 for the student."""
+    root, classes = _data_root(dataset, root), split_classes(dataset, split)
+    index = {wnid: c for c, (wnid, _) in enumerate(classes)}
+    ravi = dataset == "mini-imagenet" and os.path.isdir(os.path.join(root, "images"))  # else the folder layout
+    paths, labels, where = (_ravi if ravi else _folders)(dataset, split, root, index)
+    return _make_split(dataset, split, classes, labels, where, paths=paths, size=84)
+
+
+def check_images(split):
+    """Decode every image file of a split (JPEGs at reduced scale, which is fast) to find broken ones."""
+    from PIL import Image
+    for path in split.paths or []:
+        try:
+            with Image.open(path) as im:
+                im.draft("RGB", (split.size, split.size))
+                im.load()
+        except Exception as e:
+            raise UserError(f"cannot read image {path} ({type(e).__name__}): replace or delete it")
+
+
 # name -> loader(name, split, root). The toy worlds are rendered on the fly.
-DATASETS = {"toy": _toy, "toy-tiny": _toy}
+DATASETS = {"toy": _toy, "toy-tiny": _toy, "cifar-fs": _cifar, "fc100": _cifar,
+            "mini-imagenet": _imagenet, "tiered-imagenet": _imagenet}
 SPLITS = ("train", "val", "test")  # base / validation / novel classes
 
 
@@ -444,3 +591,32 @@ def ci95(values):
     """Mean and 95% interval half-width (1.96 * std / sqrt(n)) of per-episode values."""
     v = torch.as_tensor(values, dtype=torch.float64)
     return v.mean().item(), (1.96 * v.std(unbiased=True) / len(v) ** 0.5).item() if len(v) > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------------
+# `python common.py check`: is a dataset folder complete and readable?
+
+def _check():
+    """python common.py check --dataset D --data-root R [--download]: loads every split of a
+    dataset and decodes each image file; a bad folder gives a one-line error (exit code 2)."""
+    import argparse
+    p = argparse.ArgumentParser(description=_check.__doc__)
+    p.add_argument("command", choices=["check"])
+    p.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data-root", default=None, help="the dataset folder")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR-100 first (cifar-fs, fc100)")
+    args = p.parse_args()
+    if args.download:
+        download(args.dataset, args.data_root)
+    for s in SPLITS:
+        split = load_split(args.dataset, s, args.data_root)
+        check_images(split)
+        print(f"{s}: {len(split.classes)} classes, {len(split)} images ({', '.join(split.classes[:3])}, ...)")
+        counts = torch.bincount(split.labels, minlength=len(split.classes))
+        if counts.min() < 20:  # a few-shot episode takes 5 shots + 15 queries per class
+            print(f"  warning: class {split.classes[int(counts.argmin())]} has only {int(counts.min())} images; "
+                  f"5-shot episodes with 15 queries need 20")
+
+
+if __name__ == "__main__":
+    run_main(_check)
