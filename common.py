@@ -77,8 +77,13 @@ def atomic_save(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def atomic_write_text(text, path):
@@ -158,9 +163,10 @@ class DropBlock(nn.Module):
             return x
         h = x.shape[-1]
         bs = min(self.block_size, h)
-        gamma = self.drop_rate / bs ** 2 * h ** 2 / max(h - bs + 1, 1) ** 2
-        seeds = (torch.rand(x.shape[0], x.shape[1], h, h, device=x.device) < gamma).float()
-        mask = 1 - F.max_pool2d(seeds, bs, stride=1, padding=bs // 2)[..., :h, :h]
+        # block centres are drawn only where a whole block fits, so that about drop_rate is dropped
+        gamma = self.drop_rate / bs ** 2 * h ** 2 / (h - bs + 1) ** 2
+        seeds = (torch.rand(x.shape[0], x.shape[1], h - bs + 1, h - bs + 1, device=x.device) < gamma).float()
+        mask = 1 - F.max_pool2d(F.pad(seeds, [bs - 1] * 4), bs, stride=1)
         return x * mask * mask.numel() / mask.sum().clamp(min=1)
 
 
@@ -240,7 +246,7 @@ class Split:
         if self.images is not None and self.images.shape[-1] == self.size:
             return self.images[idx]
         from PIL import Image
-        out = [torch.from_numpy(np.asarray(self.pil(int(i)).resize((self.size, self.size), Image.BILINEAR)))
+        out = [torch.from_numpy(np.array(self.pil(int(i)).resize((self.size, self.size), Image.BILINEAR)))
                for i in idx]
         return torch.stack(out).permute(0, 3, 1, 2).contiguous()
 
@@ -447,7 +453,10 @@ def resolve_teacher(name, pretrained):
         import toyworld
         open_clip.add_model_config(toyworld.TEACHER_CONFIG)
         if pretrained is None:
-            pretrained = os.path.join(cache_dir(), f"{name}-v{FORMAT_VERSION}.pt")
+            # the file name records the recipe (renderer, captions, config, sizes), so a
+            # changed toy world never reuses a teacher trained on the old one
+            recipe = hashlib.sha256(open(toyworld.__file__, "rb").read() + open(toyworld.TEACHER_CONFIG, "rb").read())
+            pretrained = os.path.join(cache_dir(), f"{name}-{recipe.hexdigest()[:10]}.pt")
             if not os.path.exists(pretrained):
                 print(f"training the stand-in teacher {name} once (cached at {pretrained})")
                 toyworld.train_teacher(TOY_TEACHERS[name], pretrained)
@@ -570,7 +579,7 @@ def split_episodes(feats, index, k_shot):
 
 def accuracy_from_logits(logits):
     """logits [E, N, Q, N] (query of class n scored against every class) -> accuracy per episode [E]."""
-    target = torch.arange(logits.shape[1]).view(1, -1, 1)
+    target = torch.arange(logits.shape[1], device=logits.device).view(1, -1, 1)
     return (logits.argmax(-1) == target).float().mean(dim=(1, 2))
 
 

@@ -231,7 +231,7 @@ def render(attrs, rng):
 # pipeline; "toy-tiny" is for tests (same classes, far fewer images).
 SCALES = {
     "toy": dict(n_train=40, n_eval=60, n_web=40000, teacher_epochs=6),
-    "toy-tiny": dict(n_train=12, n_eval=24, n_web=3000, teacher_epochs=2),
+    "toy-tiny": dict(n_train=20, n_eval=24, n_web=3000, teacher_epochs=2),
 }
 _STREAMS = {"train": 1, "val": 2, "test": 3, "web": 4}  # disjoint seed streams
 
@@ -344,7 +344,8 @@ def train_teacher(name, path, seed=0, batch_size=256, lr=2e-3, log=print):
             sched.step()
             step += 1
         log(f"toy-clip epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}")
-    tmp = path + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
     return model

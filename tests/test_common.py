@@ -365,7 +365,8 @@ def test_toy_teacher_is_trained_into_a_cache_folder_that_does_not_exist_yet(tmp_
     monkeypatch.setenv("SYNTRANS_CACHE", str(cache))
     monkeypatch.setitem(toyworld.SCALES, "toy-tiny", dict(toyworld.SCALES["toy-tiny"], n_web=256, teacher_epochs=1))
     common.load_teacher("toy-clip-tiny")
-    assert os.listdir(cache) == [f"toy-clip-tiny-v{common.FORMAT_VERSION}.pt"]
+    files = os.listdir(cache)
+    assert len(files) == 1 and files[0].startswith("toy-clip-tiny-") and files[0].endswith(".pt")
 
 
 def test_unknown_teacher_is_a_user_error_naming_the_valid_ones():
