@@ -430,8 +430,14 @@ def load_split(dataset, split, root=None):
 
 
 def class_names(dataset, root=None):
-    """Readable class names per split: {"train": [...], "val": [...], "test": [...]}."""
-    return {s: load_split(dataset, s, root).classes for s in SPLITS}
+    """Readable class names per split: {"train": [...], "val": [...], "test": [...]}.
+    Read from the class lists alone (no image is loaded); `root` is not needed."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset '{dataset}': choose one of {', '.join(DATASETS)}")
+    if dataset.startswith("toy"):
+        import toyworld
+        return {s: [toyworld.class_name(a) for a in toyworld.make_classes()[s]] for s in SPLITS}
+    return {s: [name for _, name in split_classes(dataset, s)] for s in SPLITS}
 
 
 # ----------------------------------------------------------------------------------

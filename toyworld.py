@@ -154,7 +154,7 @@ def _texture(pattern, rng, mask):
     th = rng.uniform(0, np.pi)
     u = _XX * math.cos(th) + _YY * math.sin(th)
     v = -_XX * math.sin(th) + _YY * math.cos(th)
-    period = rng.uniform(5.0, 9.0)
+    period = rng.uniform(7.0, 12.0)
     if pattern == "striped":
         return (np.sin(2 * np.pi * u / period + rng.uniform(0, 6.3)) > 0).astype(np.float32)
     if pattern == "checkered":
@@ -195,7 +195,7 @@ def render(attrs, rng):
         img = img * (1 - m[..., None]) + (col * t + (255 - col) * 0.3 * (1 - t)) * m[..., None]
 
     # the object: position, size and rotation vary; colour is jittered in hue, saturation and value
-    radius = rng.uniform(9, 19)
+    radius = rng.uniform(12, 21)
     cx, cy = rng.uniform(radius * 0.7, RENDER - radius * 0.7, 2)
     angle = rng.uniform(0, 2 * np.pi)
     m = _mask(shape, cx, cy, radius, angle)
@@ -230,7 +230,7 @@ def render(attrs, rng):
 # Sizes of the two toy configurations. "toy" is the default world of the README's
 # pipeline; "toy-tiny" is for tests (same classes, far fewer images).
 SCALES = {
-    "toy": dict(n_train=40, n_eval=60, n_web=40000, teacher_epochs=6),
+    "toy": dict(n_train=30, n_eval=60, n_web=40000, teacher_epochs=6),
     "toy-tiny": dict(n_train=20, n_eval=24, n_web=3000, teacher_epochs=2),
 }
 _STREAMS = {"train": 1, "val": 2, "test": 3, "web": 4}  # disjoint seed streams
@@ -260,7 +260,7 @@ def build_split(name, split, seed=0):
     return images, labels, [class_name(a) for a in classes]
 
 
-def caption(attrs, rng, label_rate=0.05):
+def caption(attrs, rng, label_rate=0.02):
     """Alt-text style caption: mentions a random subset of the attributes, mostly in
     synonyms; the class-name label word is used with probability `label_rate`."""
     c, p, s = attrs
@@ -306,7 +306,7 @@ def build_web(name, seed=0):
 TEACHER_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy-clip.json")
 
 
-def train_teacher(name, path, seed=0, batch_size=256, lr=2e-3, log=print):
+def train_teacher(name, path, seed=0, batch_size=256, lr=3e-3, log=print):
     """Train the stand-in CLIP for the toy world `name` and save its state dict to
     `path` (an ordinary open_clip checkpoint file). Architecture: data/toy-clip.json,
     built by open_clip's own classes (ModifiedResNet image tower, transformer text
