@@ -295,9 +295,74 @@ def build_web(name, seed=0):
 
 
 # ----------------------------------------------------------------------------------
-# The describer: a stand-in for a language model (used by 02_mine.py through common.py)
+# The describer: a stand-in for a language model (used by 02_mine.py --llm toy)
+#
+# A real LLM asked "what does a house finch look like?" answers in its own words,
+# mostly right, sometimes wrong (a red belly it does not have), sometimes vague.
+# The describer does the same for a toy class: each statement names one, two or
+# all three of the class's attributes, mostly in the synonyms the web captions use
+# (so the teacher understands them), and in a set fraction `wrong_rate` of them one
+# named attribute is swapped for a wrong value (a hallucination). A few generic
+# statements say nothing about the class at all. Unlike a real LLM it knows which
+# of its statements are wrong; 02_mine.py records that, for measurement only.
 
-# (see issue 4: written with stage 2)
+# Sentence forms: the attributes a statement names (c colour, p pattern, s shape).
+# Pattern synonyms read best after a comma ("a wedge, with stripes"), as in captions.
+DESCRIBE_FORMS = [
+    "it is {c}", "a {c} object", "its colour is {c}",
+    "a {s}", "shaped like a {s}", "the outline of a {s}",
+    "an object, {p}", "its surface is {p}",
+    "a {c} {s}", "a {c} thing, {p}", "a {s}, {p}",
+    "a {c} {s}, {p}", "a photo of a {c} {s}, {p}",
+]
+DESCRIBE_GENERIC = [
+    "a simple object in a picture", "an object on a cluttered background", "a small figure",
+    "a common geometric thing", "you can see it in the image", "something drawn on a background",
+]
+
+
+def describe(name, seed=0, n=12, wrong_rate=0.3, n_generic=2, label_rate=0.15):
+    """About `n` short descriptions of the toy class `name` ("red striped triangle").
+
+    Returns a list of (text, is_correct): is_correct is False for a statement that
+    names a wrong attribute value; round(wrong_rate * (n - n_generic)) of the specific
+    statements are. `n_generic` of the n say nothing specific (they are not wrong).
+    Deterministic given (name, seed): the same class and seed always get the same
+    answer, like a cached LLM reply."""
+    words = name.split()
+    if (len(words) != 3 or words[0] not in COLOURS or words[1] not in PATTERNS or words[2] not in SHAPES):
+        raise ValueError(f"'{name}' is not a toy-world class (colour pattern shape, e.g. 'red striped triangle')")
+    truth = dict(zip("cps", words))
+    tables = {"c": {k: v[1] for k, v in COLOURS.items()}, "p": PATTERNS, "s": SHAPES}
+    rng = np.random.default_rng([seed, *name.encode()])
+
+    def say(slot, value):  # mostly a synonym; the label word with probability label_rate
+        syn = tables[slot][value]
+        return syn[0] if rng.uniform() < label_rate else syn[rng.integers(1, len(syn))]
+
+    # A set fraction of the specific statements is wrong (round(wrong_rate * k) of k),
+    # so that every class gets its share of noise rather than some classes none.
+    k = n - n_generic
+    wrong = rng.permutation(k) < round(wrong_rate * k)
+    out, seen = [], set()
+    for _ in range(20 * n):  # bounded: a few duplicates are redrawn
+        if len(out) >= k:
+            break
+        form = DESCRIBE_FORMS[rng.integers(len(DESCRIBE_FORMS))]
+        slots = [s for s in "cps" if "{" + s + "}" in form]
+        values = dict(truth)
+        correct = not wrong[len(out)]
+        if not correct:  # a hallucination: one named attribute gets a wrong value
+            slot = slots[rng.integers(len(slots))]
+            others = [v for v in tables[slot] if v != truth[slot]]
+            values[slot] = others[rng.integers(len(others))]
+        text = form.format(**{s: say(s, values[s]) for s in slots})
+        if text not in seen:
+            seen.add(text)
+            out.append((text, correct))
+    generic = rng.permutation(len(DESCRIBE_GENERIC))[:n_generic]
+    out += [(DESCRIBE_GENERIC[i], True) for i in generic]
+    return [out[i] for i in rng.permutation(len(out))]
 
 
 # ----------------------------------------------------------------------------------

@@ -1,0 +1,655 @@
+"""
+Stage 2 of SynTrans: SynMine, training-free synergistic knowledge mining.
+
+Paper component: "a training-free synergistic knowledge mining module (SynMine)
+facilitates collaboration among large multimodal models to extract high-quality
+semantic knowledge" (Tang, He, Qin, IJCAI 2025; ../shared/DESIGN.md, stage 2).
+Language models write what a class looks like; the vision-language teacher (CLIP)
+reads every statement and keeps those its two modalities and the other sources
+agree on. Nothing is trained.
+
+What it does
+  1. Gathers candidate descriptions for every class of every split from several
+     knowledge sources that collaborate:
+       llm        language models behind an OpenAI-compatible chat-completions API
+                  (--llm URL@MODEL, repeatable), asked for short visual descriptions;
+                  every answer is cached in <run>/cache/llm/, so a rerun sends no
+                  request and an interrupted run resumes where it stopped. A model
+                  that fails (down, timeout, HTTP error, garbage, refusal) is
+                  reported per class and the run goes on with the other sources.
+                  --llm toy[@SEED] asks the toy world's describer instead, a
+                  stand-in LLM that hallucinates a set fraction of its statements.
+       files      descriptions files (--descriptions FILE: JSON class -> [strings],
+                  or the 02_descriptions.json of an earlier run);
+       templates  CLIP prompt templates of the bare class name, always available.
+  2. Mines them with the teacher's text encoder E_T. Every candidate t of class c
+     gets a score (all similarities are cosines of L2-normalised embeddings):
+       agree(t)    = mean of its k best matches among the *other* candidates of c:
+                     a statement another statement (another model, another template)
+                     backs up is likely true; a hallucination stands alone;
+       specific(t) = how well the k best candidates of another class match it,
+                     averaged over all other classes: a generic statement ("a small
+                     object") matches every class as well as its own;
+       image(t)    = base classes only: its match with the teacher's mean image
+                     embedding of c's training images minus its mean match with the
+                     other base classes' images (the vision side of the teacher
+                     votes; novel classes have no images here, by design);
+       score(t)    = agree - specific + image_weight * image.
+     Per class the lowest-scoring (1 - keep) fraction is dropped and the rest are
+     softmax(score / temperature)-weighted into one L2-normalised vector t_c.
+  3. --compare measures what mining buys: teacher zero-shot N-way accuracy on the
+     novel classes over fixed episodes with templates only, with all candidates
+     averaged, and with SynMine, and the fraction of wrong statements removed
+     (where the source knows which are wrong: the toy describer).
+
+Inputs   class names of all splits (--dataset), the teacher (--clip, --clip-pretrained),
+         the knowledge sources; for the image vote, the base-class training images
+         (their teacher embeddings are cached in <run>/cache/, shared with stage 1).
+Outputs  <run>/02_semantics.pt: state = {"train": [C_train, m], "val": ..., "test": ...},
+         one L2-normalised vector per class (row i = class i of the split), plus
+         config, dataset, class names, teacher identity and the sources used;
+         <run>/02_descriptions.json: per class every candidate, its source, scores,
+         weight, whether it was kept and, where known, whether it is correct; per
+         source its failures. The API key is never written anywhere.
+
+Our choices (not from the paper, which gives no equations): the scores above;
+k = 2 (one corroborating statement can be a coincidence, two rarely are); keep 70%
+and temperature 0.1 (tuned on the toy world: dropping more removes correct statements
+that name only one attribute, weighting harder lets the few best ones dominate);
+templates-only runs (--sources templates, the `syntrans-templates` ablation) give
+CLIP's plain prompt ensemble (the mean), since mining eight near-identical
+prompts has nothing to choose between.
+
+  python 02_mine.py --run runs/toy                       # toy world: templates + toy describer
+  python 02_mine.py --run runs/toy --sources templates --out 02_semantics_templates.pt
+  python 02_mine.py --run runs/mini --dataset mini --clip ViT-B-32 --clip-pretrained openai \\
+      --llm http://localhost:8000/v1@llama-3.1-8b-instruct --llm https://api.openai.com/v1@gpt-4o-mini
+"""
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import re
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+# CLIP's "a photo of a {}." and seven more of the 80 ImageNet prompts of its paper,
+# the plain ones that suit any object class.
+TEMPLATES = [
+    "a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a photo of the large {}.",
+    "a photo of the small {}.", "a cropped photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
+]
+PROMPT = ("List {n} short visual descriptions of a {name}, as it looks in a photo: its colours, shape, "
+          "pattern, texture or parts. One description per line, each under 10 words, no numbering, no other text.")
+SOURCE_KINDS = ("templates", "llm", "files")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(p)
+    p.add_argument("--sources", default="templates,llm,files",
+                   help="comma list of the source kinds to use, of: templates, llm, files "
+                        "('templates' alone makes the syntrans-templates ablation)")
+    p.add_argument("--llm", action="append", default=None, metavar="URL@MODEL",
+                   help="a chat-completions endpoint and model, e.g. http://localhost:8000/v1@qwen2.5-7b-instruct; "
+                        "repeatable; 'toy' or 'toy@SEED' is the toy world's describer "
+                        "(default: toy for the toy worlds, none otherwise)")
+    p.add_argument("--llm-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (sent as a Bearer token; never written)")
+    p.add_argument("--llm-prompt", default=PROMPT, help="the question, with {name} and {n} placeholders")
+    p.add_argument("--llm-n", type=int, default=10, help="descriptions asked per class; at most twice this many are used")
+    p.add_argument("--llm-timeout", type=float, default=60.0, help="seconds to wait for one answer")
+    p.add_argument("--llm-retries", type=int, default=2, help="retries of a failed request (timeouts, HTTP 5xx/429, garbage)")
+    p.add_argument("--llm-backoff", type=float, default=2.0, help="seconds before the first retry, doubling after each")
+    p.add_argument("--llm-give-up", type=int, default=5,
+                   help="after this many consecutive failed classes a model's remaining classes are skipped (0: never)")
+    p.add_argument("--llm-workers", type=int, default=4, help="requests in flight at once")
+    p.add_argument("--toy-wrong-rate", type=float, default=0.3, help="toy describer: fraction of wrong statements")
+    p.add_argument("--toy-n", type=int, default=12, help="toy describer: statements per class")
+    p.add_argument("--descriptions", action="append", default=[], metavar="FILE",
+                   help="JSON file: class name -> list of descriptions (or an earlier 02_descriptions.json); repeatable")
+    p.add_argument("--keep", type=float, default=0.7, help="fraction of each class's candidates kept")
+    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature of the kept candidates' weights")
+    p.add_argument("--support-k", type=int, default=2, help="k best matches used by the agreement and specificity scores")
+    p.add_argument("--image-weight", type=float, default=1.0,
+                   help="weight of the base-class image vote (0: skip, and do not load the base images)")
+    p.add_argument("--compare", action="store_true",
+                   help="also measure teacher zero-shot accuracy on the novel classes: templates / all averaged / SynMine")
+    p.add_argument("--episodes", type=int, default=600, help="--compare: fixed episodes")
+    p.add_argument("--ways", type=int, default=5, help="--compare: classes per episode")
+    p.add_argument("--queries", type=int, default=15, help="--compare: queries per class")
+    p.add_argument("--out", default=common.SEMANTICS,
+                   help="checkpoint name in the run folder; the JSON is named after it "
+                        "(02_semantics.pt -> 02_descriptions.json, 02_semantics_templates.pt -> 02_descriptions_templates.json)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------
+# Source 1: language models behind an OpenAI-compatible chat-completions API
+
+class LLMError(Exception):
+    """A failed request. The message is a short reason for the report: it never holds
+    the key or a server's error body (which may echo a part of the key)."""
+
+    def __init__(self, reason, retry=False):
+        super().__init__(reason)
+        self.retry = retry
+
+
+def parse_llm_spec(spec):
+    """'URL@MODEL' -> (base URL, chat-completions endpoint, model). The model follows
+    the last '@'; the endpoint is URL/chat/completions unless URL already ends so."""
+    url, sep, model = spec.rpartition("@")
+    if not sep or not url or not model or not url.startswith(("http://", "https://")):
+        raise common.UserError(f"--llm '{redact(spec)}' is not URL@MODEL (e.g. http://localhost:8000/v1@qwen2.5-7b-instruct) "
+                               f"nor toy / toy@SEED")
+    url = url.rstrip("/")
+    return url, (url if url.endswith("/chat/completions") else url + "/chat/completions"), model
+
+
+def redact(url):
+    """A URL without user:password@, for what is printed or written."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
+def chat(url, model, prompt, key=None, timeout=60.0):
+    """One chat-completions request; returns the answer's text or raises LLMError.
+    Only model and messages are sent: the defaults of every server (some reject a
+    temperature or max_tokens) and the cache make runs reproducible anyway."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}]}).encode()
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            raw = r.read()
+    except urllib.error.HTTPError as e:  # 4xx other than 429 will not fix itself: no retry
+        e.close()
+        hint = " (check the key)" if e.code in (401, 403) else ""
+        raise LLMError(f"HTTP {e.code} {e.reason}{hint}", retry=e.code >= 500 or e.code == 429)
+    except TimeoutError:
+        raise LLMError(f"timeout after {timeout:g}s", retry=True)
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            raise LLMError(f"timeout after {timeout:g}s", retry=True)
+        raise LLMError(f"unreachable ({e.reason})", retry=True)
+    except (OSError, http.client.HTTPException) as e:
+        raise LLMError(f"connection failed ({type(e).__name__})", retry=True)
+    try:
+        data = json.loads(raw)
+        choice = data["choices"][0]
+        message = choice["message"]
+    except ValueError:
+        raise LLMError("the answer is not JSON", retry=True)
+    except (KeyError, IndexError, TypeError):
+        raise LLMError("the answer is not a chat completion (no choices[0].message)", retry=True)
+    if not isinstance(message, dict):
+        raise LLMError("the answer is not a chat completion (no choices[0].message)", retry=True)
+    if message.get("refusal") or choice.get("finish_reason") == "content_filter":
+        raise LLMError("refused")
+    content = message.get("content")
+    if isinstance(content, list):  # some servers send a list of content parts
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if not isinstance(content, str) or not content.strip():
+        raise LLMError("empty answer", retry=True)
+    return content
+
+
+def ask(url, model, prompt, key=None, timeout=60.0, retries=2, backoff=2.0):
+    """chat() with bounded retries: at most 1 + retries requests, waits doubling."""
+    for attempt in range(retries + 1):
+        try:
+            return chat(url, model, prompt, key, timeout)
+        except LLMError as e:
+            if not e.retry or attempt == retries:
+                raise LLMError(f"{e} (after {attempt + 1} tr{'y' if attempt == 0 else 'ies'})") from None
+            time.sleep(backoff * 2 ** attempt)
+
+
+_BULLET = re.compile(r"^(?:[-*+\u2022\u00b7\u2013>#]+|\(?\d{1,3}[.):]|\(?[a-zA-Z][.)])\s+")
+_REFUSAL = re.compile(r"^(?:i'?m sorry|i am sorry|sorry,|i can(?:no|')t|i am unable|i'm unable|as an ai)", re.I)
+_PREAMBLE = re.compile(r"^(?:here (?:are|is)|sure[,!.]|certainly[,!.]|of course[,!.])", re.I)
+
+
+def parse_descriptions(text, max_n=20):
+    """The descriptions in a model's answer, one per line: bullets, numbers, quotes,
+    markdown and code fences removed; headers, preambles and refusals dropped;
+    duplicates removed. A JSON list of strings is accepted too."""
+    text = text.strip()
+    try:
+        items = json.loads(re.sub(r"^```\w*\s*|\s*```$", "", text))
+        lines = [s for s in items if isinstance(s, str)] if isinstance(items, list) else text.splitlines()
+    except ValueError:
+        lines = text.splitlines()
+    out, seen = [], set()
+    for line in lines:
+        s = line.strip()
+        if s.startswith("```"):
+            continue
+        s = _BULLET.sub("", s).replace("**", "").replace("__", "").strip()
+        s = s.strip("\"'`\u201c\u201d\u2018\u2019").strip().rstrip(",;").strip()
+        if (not s or not re.search(r"[A-Za-z]", s) or s.endswith(":") or len(s.split()) > 40
+                or _REFUSAL.match(s) or _PREAMBLE.match(s)):
+            continue
+        if s.lower() not in seen:
+            seen.add(s.lower())
+            out.append(s)
+    return out[:max_n]
+
+
+def llm_cache_path(run, url, model, prompt, name):
+    """One file per (endpoint, model, prompt, class): a new prompt or model asks again."""
+    key = json.dumps([redact(url), model, prompt, name])
+    return os.path.join(run, "cache", "llm", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+
+
+def ask_llms(llms, names, args, key):
+    """Ask every model about every class (cached). Returns {source: {name: [texts]}} and
+    {source: {name: reason}} for the classes a model failed on."""
+    answers = {src: {} for src, _, _ in llms}
+    failures = {src: {} for src, _, _ in llms}
+    streak = {src: 0 for src, _, _ in llms}  # consecutive failed classes of a model
+    lock = threading.Lock()
+    from tqdm import tqdm
+
+    def job(src, url, model, name):
+        prompt = args.llm_prompt.format(name=name, n=args.llm_n)
+        path = llm_cache_path(args.run, url, model, prompt, name)
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return src, name, parse_descriptions(json.load(f)["content"], 2 * args.llm_n), None, True
+            except (ValueError, KeyError, OSError):
+                pass  # a broken cache file is simply asked again
+        if args.llm_give_up and streak[src] >= args.llm_give_up:
+            return src, name, None, f"skipped: the model failed {args.llm_give_up} classes in a row", False
+        try:
+            content = ask(url, model, prompt, key, args.llm_timeout, args.llm_retries, args.llm_backoff)
+            texts = parse_descriptions(content, 2 * args.llm_n)
+            if not texts:
+                raise LLMError("no usable description in the answer (refused or off-topic?)")
+        except LLMError as e:
+            with lock:
+                streak[src] += 1
+            return src, name, None, str(e), False
+        with lock:
+            streak[src] = 0
+        # only usable answers are cached: a failed class is asked again by the next run
+        common.atomic_write_text(json.dumps({"endpoint": redact(url), "model": model, "prompt": prompt, "class": name,
+                                             "content": content}, ensure_ascii=False, indent=1), path)
+        return src, name, texts, None, False
+
+    jobs = [(src, url, model, name) for name in names for src, url, model in llms]
+    hits, gave_up = 0, set()
+    pool = ThreadPoolExecutor(max(1, args.llm_workers))
+    try:
+        bar = tqdm(pool.map(lambda j: job(*j), jobs), total=len(jobs), desc="asking language models")
+        for src, name, texts, error, cached in bar:
+            hits += cached
+            if error is None:
+                answers[src][name] = texts
+            else:
+                failures[src][name] = error
+                if not error.startswith("skipped"):
+                    tqdm.write(f"  {src}: '{name}' failed: {error}")
+                elif src not in gave_up:  # one line, not one per skipped class
+                    gave_up.add(src)
+                    tqdm.write(f"  {src}: failed {args.llm_give_up} classes in a row: its remaining classes are skipped")
+    finally:  # on Ctrl-C, do not go on asking the questions still queued (the answers so far are cached)
+        pool.shutdown(wait=False, cancel_futures=True)
+    print(f"language models: {len(jobs)} questions, {hits} answered from the cache in {args.run}/cache/llm/")
+    return answers, failures
+
+
+# ----------------------------------------------------------------------------------
+# Source 2: descriptions files
+
+def load_descriptions_file(path, names):
+    """{class name: [texts]} from a JSON file: either class -> list of strings, or the
+    02_descriptions.json of an earlier run (its kept non-template candidates)."""
+    if not os.path.exists(path):
+        raise common.UserError(f"--descriptions {path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise common.UserError(f"--descriptions {path} is not valid JSON ({e})")
+    if isinstance(data, dict) and isinstance(data.get("splits"), dict):  # an earlier run's 02_descriptions.json
+        data = {name: [c["text"] for c in entry.get("candidates", []) if c.get("kept") and c.get("source") != "templates"]
+                for split in data["splits"].values() for name, entry in split.items()}
+    if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
+                                             for v in data.values()):
+        raise common.UserError(f"--descriptions {path} must map class names to lists of strings")
+    found = {n: [s.strip() for s in data[n] if s.strip()] for n in names if n in data}
+    if not found:
+        raise common.UserError(f"--descriptions {path} names none of the {len(names)} classes of this dataset "
+                               f"(e.g. '{names[0]}'): is it the file of another dataset?")
+    unknown = [n for n in data if n not in set(names)]
+    if unknown:
+        print(f"  {path}: ignored {len(unknown)} names that are no class of this dataset (e.g. '{unknown[0]}')")
+    return found
+
+
+# ----------------------------------------------------------------------------------
+# Gathering: every source's candidates per class
+
+def gather(args, classes, key):
+    """Candidates per class: {(split, class index): [{"text", "source", "correct"?}]},
+    the sources used, and per source the classes it failed on or lacked."""
+    kinds = list(dict.fromkeys(k.strip() for k in args.sources.split(",") if k.strip()))
+    bad = [k for k in kinds if k not in SOURCE_KINDS]
+    if bad:
+        raise common.UserError(f"--sources: unknown kind '{bad[0]}'; choose from {', '.join(SOURCE_KINDS)}")
+    toy_world = args.dataset in common.TOY_TEACHERS.values()
+    llm_specs = args.llm if args.llm is not None else (["toy"] if toy_world else [])
+    use_llm = "llm" in kinds and llm_specs
+    use_files = "files" in kinds and args.descriptions
+    if not ("templates" in kinds or use_llm or use_files):
+        raise common.UserError(f"no knowledge source: --sources '{args.sources}' selects none that was given "
+                               f"(llm needs --llm URL@MODEL, files needs --descriptions FILE, templates need nothing)")
+    if kinds != ["templates"] and not (use_llm or use_files):
+        raise common.UserError("only the prompt templates are available: give --llm URL@MODEL or --descriptions FILE "
+                               "for SynMine, or --sources templates for the templates-only ablation")
+    all_classes = [(s, i, n) for s in common.SPLITS for i, n in enumerate(classes[s])]
+    names = list(dict.fromkeys(n for _, _, n in all_classes))
+    if not names:
+        raise common.UserError(f"dataset '{args.dataset}' has no class names")
+    per_source = {}  # source -> {class name: [(text, correct or None)]}
+    failures = {}    # source -> {class name: reason}
+    sources = []     # what each source is, for the checkpoint and the JSON (no secrets)
+
+    if "templates" in kinds:
+        per_source["templates"] = {n: [(t.format(n), None) for t in TEMPLATES] for n in names}
+        sources.append({"name": "templates", "kind": "templates", "templates": TEMPLATES})
+
+    if use_files:  # read first: a wrong path fails before any question is asked
+        for path in args.descriptions:
+            src = f"file:{os.path.basename(path)}"
+            found = load_descriptions_file(path, names)
+            per_source[src] = {n: [(t, None) for t in texts] for n, texts in found.items()}
+            failures[src] = {n: "not in the file" for n in names if n not in found}
+            sources.append({"name": src, "kind": "file", "path": os.path.abspath(path), "file_id": common.file_id(path)})
+
+    if use_llm:
+        remote = []
+        for spec in llm_specs:
+            if spec == "toy" or spec.startswith("toy@"):
+                import toyworld  # the stand-in LLM of the offline toy world
+                if spec != "toy" and not spec[4:].isdigit():
+                    raise common.UserError(f"--llm {spec}: the toy describer takes a seed, e.g. toy@1")
+                seed = int(spec[4:]) if spec != "toy" else args.seed
+                src = f"toy@{seed}"
+                if src in per_source:
+                    continue
+                try:
+                    per_source[src] = {n: toyworld.describe(n, seed, n=args.toy_n, wrong_rate=args.toy_wrong_rate)
+                                       for n in names}
+                except ValueError as e:
+                    raise common.UserError(f"--llm {spec}: the toy describer only knows toy-world classes ({e})")
+                sources.append({"name": src, "kind": "toy-describer", "seed": seed, "wrong_rate": args.toy_wrong_rate,
+                                "n": args.toy_n})
+            else:
+                base, url, model = parse_llm_spec(spec)
+                src = f"llm:{model}@{redact(base)}"
+                if any(src == r[0] for r in remote):
+                    continue
+                remote.append((src, url, model))
+                sources.append({"name": src, "kind": "llm", "endpoint": redact(url), "model": model,
+                                "prompt": args.llm_prompt})
+        if remote:
+            try:
+                args.llm_prompt.format(name="x", n=1)
+            except (KeyError, IndexError, ValueError):
+                raise common.UserError("--llm-prompt may hold only the placeholders {name} and {n}")
+            print(f"asking {len(remote)} language model(s) about {len(names)} classes; key: "
+                  f"{'$' + args.llm_key_env if key else 'none ($' + args.llm_key_env + ' is unset)'}")
+            answers, failed = ask_llms(remote, names, args, key)
+            for src, _, _ in remote:
+                per_source[src] = {n: [(t, None) for t in texts] for n, texts in answers[src].items()}
+                failures[src] = failed[src]
+
+    # Report every source that lacks classes, loudly, and go on with the others.
+    for src, failed in failures.items():
+        if failed:
+            reasons = {}
+            for r in failed.values():
+                reasons[r.split(" (after")[0]] = reasons.get(r.split(" (after")[0], 0) + 1
+            summary = "; ".join(f"{r}: {c}" for r, c in sorted(reasons.items(), key=lambda x: -x[1])[:3])
+            print(f"WARNING: {src} gave nothing for {len(failed)} of {len(names)} classes ({summary}); "
+                  f"those classes use the other sources")
+
+    # One candidate list per class; a source's repeated statements count once.
+    candidates, missing = {}, []
+    for split, i, name in all_classes:
+        cands = []
+        for src, table in per_source.items():
+            seen = set()
+            for text, correct in table.get(name, []):
+                if text.lower() not in seen:
+                    seen.add(text.lower())
+                    cands.append({"text": text, "source": src, **({} if correct is None else {"correct": bool(correct)})})
+        candidates[(split, i)] = cands
+        if not cands:
+            missing.append(name)
+    if missing:
+        raise common.UserError(f"no candidate description for {len(missing)} classes (e.g. '{missing[0]}'): "
+                               f"add them to the descriptions file or use more sources (e.g. --sources templates,files)")
+    return candidates, sources, failures, kinds
+
+
+# ----------------------------------------------------------------------------------
+# Mining with the teacher
+
+def score_candidates(embs, images=None, image_weight=1.0, k=2):
+    """Scores of every candidate (see the header). embs: one [n_c, m] tensor of
+    L2-normalised text embeddings per class (all classes of all splits: specificity is
+    judged against every class); images: None or [C, m] mean image embeddings with
+    NaN rows for classes that have no images (val and novel classes).
+    Returns one dict of [n_c] tensors (agree, specific, image, score) per class."""
+    C, m = len(embs), embs[0].shape[1]
+    counts = torch.tensor([len(e) for e in embs])
+    padded = torch.zeros(C, int(counts.max()), m)
+    for c, e in enumerate(embs):
+        padded[c, :len(e)] = e
+    valid = torch.arange(padded.shape[1])[None] < counts[:, None]  # [C, nmax]
+    kk = min(k, padded.shape[1])
+    has_image = None if images is None else ~torch.isnan(images).any(1)
+    out = []
+    for c, e in enumerate(embs):
+        n = len(e)
+        sims = torch.einsum("nm,cjm->ncj", e, padded).masked_fill(~valid[None], float("-inf"))  # [n, C, nmax]
+        # agreement: the k best matches among the other candidates of the same class
+        own = sims[:, c].clone()
+        own[torch.arange(n), torch.arange(n)] = float("-inf")
+        ka = min(k, n - 1)
+        agree = own.topk(ka, -1).values.mean(-1) if ka > 0 else torch.ones(n)
+        # specificity: per other class the mean of its k best matches (fewer if it has
+        # fewer candidates), averaged over the other classes
+        top = sims.topk(kk, -1).values                           # [n, C, kk]
+        ok = torch.isfinite(top)
+        per_class = top.masked_fill(~ok, 0).sum(-1) / ok.sum(-1).clamp(min=1)  # [n, C]
+        specific = ((per_class.sum(1) - per_class[:, c]) / (C - 1)) if C > 1 else torch.zeros(n)
+        # the image vote of the base classes: own images against the other base classes' images
+        image = torch.zeros(n)
+        if has_image is not None and has_image[c] and image_weight:
+            others = has_image.clone()
+            others[c] = False
+            image = e @ images[c] - ((e @ images[others].T).mean(1) if others.any() else 0)
+        out.append({"agree": agree, "specific": specific, "image": image,
+                    "score": agree - specific + image_weight * image})
+    return out
+
+
+def mine_vector(emb, score, keep=0.7, temperature=0.1):
+    """Drop the lowest-scoring (1 - keep) fraction, softmax-weight the rest by score:
+    returns (L2-normalised class vector [m], weights [n], 0 for dropped candidates)."""
+    n_keep = max(1, round(keep * len(score)))
+    kept = score.topk(n_keep).indices
+    w = torch.zeros(len(score))
+    w[kept] = torch.softmax(score[kept] / temperature, 0)
+    return F.normalize(w @ emb, dim=0), w
+
+
+def mean_vector(emb):
+    return F.normalize(emb.mean(0), dim=0)
+
+
+def encode(model, tokenizer, texts, device, chunk=2048):
+    """Text embeddings of many texts, with progress. CLIP's tokenizer truncates a long
+    text to its context length (77 tokens; 16 for the toy teacher)."""
+    from tqdm import tqdm
+    out = [common.encode_texts(model, tokenizer, texts[i:i + chunk], device)
+           for i in tqdm(range(0, len(texts), chunk), desc="encoding candidates", disable=len(texts) <= chunk)]
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------
+# --compare: what mining buys, measured by the teacher's zero-shot accuracy on novel classes
+
+def zero_shot(feats, labels, rows, ways, queries, episodes, seed):
+    """Per-row (mean, ci95) of N-way zero-shot accuracy over fixed episodes: the
+    queries of each episode are classified by cosine against the class vectors."""
+    ep_classes, index = common.sample_episodes(labels, ways, 0, queries, episodes, seed)
+    results = {}
+    for name, vectors in rows.items():
+        logits = torch.einsum("enqd,ecd->enqc", feats[index], vectors[ep_classes])
+        results[name] = common.ci95(common.accuracy_from_logits(logits) * 100)
+    return results
+
+
+def wrong_removed(entries):
+    """Fraction of the wrong candidates (those a source knows are wrong) that mining dropped."""
+    wrong = [c for cands in entries for c in cands if c.get("correct") is False]
+    right = [c for cands in entries for c in cands if c.get("correct") is True]
+    return (sum(not c["kept"] for c in wrong) / len(wrong) if wrong else None, len(wrong),
+            sum(c["kept"] for c in right) / len(right) if right else None)
+
+
+# ----------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args(argv)
+    t0 = time.time()
+    if not 0 < args.keep <= 1 or args.temperature <= 0 or args.support_k < 1:
+        raise common.UserError("--keep must be in (0, 1], --temperature above 0 and --support-k at least 1")
+    device = common.get_device(args.device)
+    common.set_seed(args.seed)
+    out_path = os.path.join(args.run, args.out)
+    stem = os.path.splitext(args.out)[0]
+    json_path = os.path.join(args.run, (stem.replace("semantics", "descriptions") if "semantics" in stem
+                                        else stem + "_descriptions") + ".json")
+    key = os.environ.get(args.llm_key_env) or None  # read here, sent in a header, never stored
+
+    # ---- class names of every split (the splits are loaded once: base images serve the image vote)
+    splits = {s: common.load_split(args.dataset, s, args.data_root) for s in common.SPLITS}
+    classes = {s: splits[s].classes for s in common.SPLITS}
+    print(f"{args.dataset}: {', '.join(f'{len(classes[s])} {s}' for s in common.SPLITS)} classes; device {device}")
+
+    # ---- 1. candidates from every source
+    candidates, sources, failures, kinds = gather(args, classes, key)
+    order = [(s, i) for s in common.SPLITS for i in range(len(classes[s]))]
+    n_cands = sum(len(candidates[c]) for c in order)
+    per = {x["name"]: sum(c["source"] == x["name"] for k in order for c in candidates[k]) for x in sources}
+    print(f"{n_cands} candidates: {', '.join(f'{n} from {src}' for src, n in per.items())}")
+
+    # ---- 2. encode with the teacher's text encoder; the image vote of the base classes
+    teacher, preprocess, tokenizer, teacher_id = common.load_teacher(args.clip, args.clip_pretrained, device)
+    texts = list(dict.fromkeys(c["text"] for k in order for c in candidates[k]))
+    if args.compare:
+        texts = list(dict.fromkeys(texts + [t.format(n) for n in classes["test"] for t in TEMPLATES]))
+    table = dict(zip(texts, encode(teacher, tokenizer, texts, device)))
+    embs = [torch.stack([table[c["text"]] for c in candidates[k]]) for k in order]
+    templates_only = kinds == ["templates"]
+    images = None
+    if args.image_weight > 0 and classes["train"] and not templates_only:
+        train = splits["train"]
+        feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, train, device)
+        images = torch.full((len(order), feats.shape[1]), float("nan"))
+        for i in range(len(classes["train"])):  # base classes come first in `order`
+            images[i] = F.normalize(feats[train.labels == i].mean(0), dim=0)
+
+    # ---- 3. score, keep, weight: one vector per class
+    scores = score_candidates(embs, images, args.image_weight, args.support_k)
+    vectors = {s: [] for s in common.SPLITS}
+    for k, e, sc in zip(order, embs, scores):
+        if templates_only:  # the ablation: CLIP's prompt ensemble, no mining
+            v, w = mean_vector(e), torch.full((len(e),), 1 / len(e))
+        else:
+            v, w = mine_vector(e, sc["score"], args.keep, args.temperature)
+        vectors[k[0]].append(v)
+        for j, c in enumerate(candidates[k]):
+            c.update(score=round(sc["score"][j].item(), 4), agree=round(sc["agree"][j].item(), 4),
+                     specific=round(sc["specific"][j].item(), 4), image=round(sc["image"][j].item(), 4),
+                     weight=round(w[j].item(), 4), kept=bool(w[j] > 0))
+    state = {s: torch.stack(vectors[s]) if vectors[s] else torch.zeros(0, embs[0].shape[1]) for s in common.SPLITS}
+    kept = sum(c["kept"] for k in order for c in candidates[k])
+    print(f"mining kept {kept} of {n_cands} candidates" + (" (templates only: plain prompt ensemble)" if templates_only else ""))
+    for src in [x["name"] for x in sources]:
+        mine_src = [c for k in order for c in candidates[k] if c["source"] == src]
+        if mine_src:
+            print(f"  {src}: kept {sum(c['kept'] for c in mine_src)} of {len(mine_src)}")
+    removed, n_wrong, right_kept = wrong_removed([candidates[k] for k in order])
+    if removed is not None:
+        print(f"  wrong statements removed: {removed:.0%} of {n_wrong}; correct ones kept: {right_kept:.0%}")
+
+    # ---- 4. optionally, measure: teacher zero-shot on the novel classes
+    report = None
+    if args.compare:
+        test = splits["test"]
+        feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, test, device)
+        test_keys = [k for k in order if k[0] == "test"]
+        test_embs = [embs[order.index(k)] for k in test_keys]
+        rows = {"templates only": torch.stack([mean_vector(torch.stack([table[t.format(n)] for t in TEMPLATES]))
+                                               for n in classes["test"]]),
+                "all candidates averaged": torch.stack([mean_vector(e) for e in test_embs]),
+                "SynMine" + (" (= templates)" if templates_only else ""): state["test"]}
+        for x in sources:  # each source alone, averaged: who contributes what
+            if x["name"] != "templates":
+                per = [[table[c["text"]] for c in candidates[k] if c["source"] == x["name"]] for k in test_keys]
+                if all(per):
+                    rows[f"{x['name']} only, averaged"] = torch.stack([mean_vector(torch.stack(p)) for p in per])
+        accs = zero_shot(feats, test.labels, rows, args.ways, args.queries, args.episodes, args.seed)
+        removed_novel, n_wrong_novel, kept_novel = wrong_removed([candidates[k] for k in test_keys])
+        print(f"teacher zero-shot, {args.ways}-way, {len(classes['test'])} novel classes, "
+              f"{args.episodes} episodes x {args.queries} queries (mean +- 95% CI):")
+        for name, (mean, ci) in accs.items():
+            print(f"  {name:40s} {mean:6.2f} +- {ci:.2f}")
+        if removed_novel is not None:
+            print(f"  wrong statements removed on novel classes: {removed_novel:.0%} of {n_wrong_novel}; "
+                  f"correct ones kept: {kept_novel:.0%}")
+        report = {"ways": args.ways, "queries": args.queries, "episodes": args.episodes, "seed": args.seed,
+                  "accuracy": {name: {"mean": mean, "ci95": ci} for name, (mean, ci) in accs.items()},
+                  "wrong_removed_novel": removed_novel, "wrong_novel": n_wrong_novel, "correct_kept_novel": kept_novel,
+                  "wrong_removed_all": removed, "wrong_all": n_wrong, "correct_kept_all": right_kept}
+
+    # ---- 5. write the vectors and the readable JSON (neither holds the key)
+    config = vars(args) | {"llm": [redact(s) for s in (args.llm or [])], "out": args.out}
+    upstream = {x["name"]: x["file_id"] for x in sources if x["kind"] == "file"}
+    failed_counts = {src: len(f) for src, f in failures.items()}
+    common.save_checkpoint(out_path, "mine", config, args.dataset, classes, state, upstream=upstream,
+                           teacher=teacher_id, sources=[x["name"] for x in sources], failures=failed_counts)
+    doc = {"dataset": args.dataset, "teacher": teacher_id, "checkpoint": args.out, "config": config,
+           "sources": sources, "failures": failures, "compare": report,
+           "splits": {s: {n: {"kept": sum(c["kept"] for c in candidates[(s, i)]), "candidates": candidates[(s, i)]}
+                          for i, n in enumerate(classes[s])} for s in common.SPLITS}}
+    common.atomic_write_text(json.dumps(doc, ensure_ascii=False, indent=1), json_path)
+    print(f"wrote {out_path} ({', '.join(f'{s} {tuple(state[s].shape)}' for s in common.SPLITS)}) "
+          f"and {json_path} ({time.time() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
