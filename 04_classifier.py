@@ -169,7 +169,11 @@ def main(argv=None):
     base_w = centres if args.base_weights == "centres" else ck["distill"]["state"]["ce_head"]["weight"].to(device)
 
     model = FewShotClassifier(base_w, args.hidden).to(device)
-    bridge.train(args.finetune_bridge).requires_grad_(args.finetune_bridge)
+    # The bridge was fit on these very base classes, so its h(t_c) is nearly perfect for
+    # them and a gate trained on that would trust semantics blindly. Its dropout stays
+    # on during meta-training (off in validation and at test time) so that base-class
+    # semantic weights are as imperfect as a novel class's will be.
+    bridge.train().requires_grad_(args.finetune_bridge)
     params = list(model.parameters()) + (list(bridge.h.parameters()) if args.finetune_bridge else [])
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0))))
@@ -188,7 +192,7 @@ def main(argv=None):
         for k, (cls, idx) in val_eps.items():
             logits, _, alpha = score(f_val, t["val"], cls.to(device), idx.to(device), k)
             out[k] = (common.accuracy_from_logits(logits).mean().item() * 100, alpha.mean().item())
-        model.train(), bridge.train(args.finetune_bridge)
+        model.train(), bridge.train()
         return out
 
     from tqdm import tqdm

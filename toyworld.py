@@ -260,7 +260,7 @@ def build_split(name, split, seed=0):
     return images, labels, [class_name(a) for a in classes]
 
 
-def caption(attrs, rng, label_rate=0.02):
+def caption(attrs, rng, label_rate=0.005):
     """Alt-text style caption: mentions a random subset of the attributes, mostly in
     synonyms; the class-name label word is used with probability `label_rate`."""
     c, p, s = attrs
