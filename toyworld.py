@@ -20,8 +20,9 @@ and a measurable effect, on a 2-core CPU in minutes:
   an ordinary checkpoint file and loaded through open_clip's local-file path, the
   same code that loads real CLIP weights.
 * Class names use each attribute's *label word* ("red", "striped", "triangle"),
-  which web captions use only rarely; captions mostly use plainer synonyms
-  ("crimson", "with stripes", "three-sided shape"). That mirrors the real world,
+  which web captions use only rarely; captions mostly use synonyms ("crimson",
+  "with stripes", "three-sided shape") and vague words shared by similar values
+  ("rosy", "textured", "pointy shape"). That mirrors the real world,
   where a benchmark's label ("house finch") is rarer on the web than the visual
   words that describe it, and it is why descriptions (stage 2) help over prompt
   templates of the bare class name.
@@ -41,35 +42,39 @@ import torch
 from PIL import Image, ImageDraw
 
 # ----------------------------------------------------------------------------------
-# Attributes. The first word of each list is the label word used in class names;
-# the others are the synonyms the "web" and the describer mostly use.
+# Attributes. The first word of each list is the label word used in class names; the
+# next two are precise synonyms; the last is a vague word shared by a group of similar
+# values ("rosy" is red or pink, "pointy shape" a star, triangle, arrow or diamond).
+# Web captions and the describer use all of them, so language is coarser than vision
+# here, as in the real world: a description rarely pins a class down as well as a few
+# photos do, which is what leaves the few-shot support images something to add.
 
-COLOURS = {  # name -> (hue in [0,1), synonyms)
-    "red": (0.00, ["red", "crimson", "scarlet", "ruby-coloured"]),
-    "orange": (0.08, ["orange", "tangerine", "amber", "pumpkin-coloured"]),
-    "yellow": (0.16, ["yellow", "golden", "lemon-coloured", "canary"]),
-    "green": (0.33, ["green", "emerald", "leafy green", "grass-coloured"]),
-    "cyan": (0.50, ["cyan", "turquoise", "aqua", "teal"]),
-    "blue": (0.62, ["blue", "navy", "cobalt", "sapphire"]),
-    "purple": (0.76, ["purple", "violet", "lilac", "plum-coloured"]),
-    "pink": (0.90, ["pink", "rose", "magenta", "fuchsia"]),
+COLOURS = {  # name -> (hue in [0,1), words)
+    "red": (0.00, ["red", "crimson", "scarlet", "rosy"]),
+    "orange": (0.08, ["orange", "tangerine", "amber", "sunny-coloured"]),
+    "yellow": (0.16, ["yellow", "golden", "lemon-coloured", "sunny-coloured"]),
+    "green": (0.33, ["green", "emerald", "grass-coloured", "sea-green"]),
+    "cyan": (0.50, ["cyan", "turquoise", "aqua", "sea-green"]),
+    "blue": (0.62, ["blue", "navy", "cobalt", "bluish"]),
+    "purple": (0.76, ["purple", "violet", "lilac", "bluish"]),
+    "pink": (0.90, ["pink", "fuchsia", "magenta", "rosy"]),
 }
 PATTERNS = {
-    "solid": ["solid", "plain", "uniformly filled", "flat-coloured"],
-    "striped": ["striped", "with stripes", "lined", "banded"],
-    "dotted": ["dotted", "polka-dot", "spotted", "speckled with dots"],
-    "checkered": ["checkered", "chequered", "grid-patterned", "like a chessboard"],
-    "hollow": ["hollow", "outlined", "empty inside", "ring-like"],
+    "solid": ["solid", "plain", "uniformly filled", "plain-looking"],
+    "striped": ["striped", "with stripes", "banded", "textured"],
+    "dotted": ["dotted", "polka-dot", "spotted", "textured"],
+    "checkered": ["checkered", "chequered", "like a chessboard", "textured"],
+    "hollow": ["hollow", "outlined", "empty inside", "plain-looking"],
 }
 SHAPES = {
-    "circle": ["circle", "round disc", "disk", "round shape"],
-    "square": ["square", "four-sided box", "box shape", "block"],
-    "triangle": ["triangle", "three-sided shape", "wedge", "three-cornered shape"],
-    "star": ["star", "five-pointed star", "starburst", "pointy star shape"],
-    "cross": ["cross", "plus sign", "plus shape", "cross mark"],
-    "hexagon": ["hexagon", "six-sided shape", "honeycomb cell", "six-cornered shape"],
-    "diamond": ["diamond", "rhombus", "lozenge", "kite shape"],
-    "arrow": ["arrow", "pointer", "arrowhead shape", "direction sign"],
+    "circle": ["circle", "round disc", "disk", "roundish shape"],
+    "square": ["square", "four-sided box", "box shape", "boxy shape"],
+    "triangle": ["triangle", "three-sided shape", "wedge", "pointy shape"],
+    "star": ["star", "five-pointed star", "starburst", "pointy shape"],
+    "cross": ["cross", "plus sign", "plus shape", "boxy shape"],
+    "hexagon": ["hexagon", "six-sided shape", "honeycomb cell", "roundish shape"],
+    "diamond": ["diamond", "rhombus", "lozenge", "pointy shape"],
+    "arrow": ["arrow", "pointer", "arrowhead shape", "pointy shape"],
 }
 COLOUR_NAMES, PATTERN_NAMES, SHAPE_NAMES = list(COLOURS), list(PATTERNS), list(SHAPES)
 
@@ -236,11 +241,28 @@ SCALES = {
 _STREAMS = {"train": 1, "val": 2, "test": 3, "web": 4}  # disjoint seed streams
 
 
-def _render_many(attr_list, stream, seed):
+def _render_chunk(args):
+    attr_list, stream, seed = args
     out = np.empty((len(attr_list), SIZE, SIZE, 3), dtype=np.uint8)
     for i, (key, attrs) in enumerate(attr_list):
         img = render(attrs, np.random.default_rng([seed, _STREAMS[stream], *key]))
         out[i] = np.asarray(Image.fromarray(img).resize((SIZE, SIZE), Image.BOX))
+    return out
+
+
+def _render_many(attr_list, stream, seed):
+    """Render a list of ((seed key), attrs); large sets use every core. Each image has
+    its own seed, so the pixels do not depend on how the work is split."""
+    n_proc = min(os.cpu_count() or 1, len(attr_list) // 2000)
+    if n_proc < 2:
+        return _render_chunk((attr_list, stream, seed))
+    import multiprocessing
+    chunks = [attr_list[i::n_proc] for i in range(n_proc)]
+    with multiprocessing.get_context("fork").Pool(n_proc) as pool:
+        parts = pool.map(_render_chunk, [(c, stream, seed) for c in chunks])
+    out = np.empty((len(attr_list), SIZE, SIZE, 3), dtype=np.uint8)
+    for i, part in enumerate(parts):
+        out[i::n_proc] = part
     return out
 
 
