@@ -107,6 +107,9 @@ def main(argv=None):
     train = common.load_split(args.dataset, "train", args.data_root)
     val = common.load_split(args.dataset, "val", args.data_root)
     classes = common.class_names(args.dataset, args.data_root)
+    if not 0 < args.batch_size <= len(train) or args.epochs < 1:
+        raise common.UserError(f"--batch-size must be between 1 and the {len(train)} base images of {args.dataset}, "
+                               f"and --epochs at least 1: an epoch would have no step")
     _, val_episodes = common.sample_episodes(val.labels, 5, 1, 15, args.val_episodes, seed=args.seed)
     print(f"{args.dataset}: {len(train)} base images of {len(train.classes)} classes at {train.size}px; "
           f"{len(val.classes)} val classes; device {device}")
@@ -179,8 +182,9 @@ def main(argv=None):
         if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
             acc = validate(student, val, val_episodes, device)
             history.append({"epoch": epoch + 1, "loss": last_finite, "val_1shot": acc})
-            if acc > best[0]:
-                best = (acc, {k: v.detach().cpu().clone() for k, v in student.state_dict().items()})
+            if acc > best[0]:  # the student and its heads, all from the best epoch
+                best = (acc, {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+                              for name, m in (("student", student), ("ce_head", ce_head), ("proj", proj))})
             print(f"epoch {epoch + 1}: loss {last_finite:.3f}  val 5-way 1-shot {acc:.2f}%  "
                   f"({seen / (time.time() - t0):.0f} img/s)")
         # the epoch checkpoint for --resume (atomic: a kill never leaves half a file)
@@ -193,7 +197,7 @@ def main(argv=None):
 
     common.save_checkpoint(out, "distill", config, args.dataset, classes, teacher=teacher_id,
                            history=history, best_acc=best[0], seconds=time.time() - t0,
-                           state={"student": best[1], "ce_head": ce_head.state_dict(), "proj": proj.state_dict()})
+                           state=best[1])
     print(f"wrote {out} (best val 5-way 1-shot {best[0]:.2f}%, {time.time() - t0:.0f}s)")
 
 

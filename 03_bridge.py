@@ -149,7 +149,7 @@ def main(argv=None):
     weights = {"cls": args.w_cls, "centre": args.w_centre, "sem": args.w_sem, "cyc_s": args.w_cyc_s, "cyc_v": args.w_cyc_v}
 
     from tqdm import tqdm
-    t0, best, history = time.time(), (-1.0, None), []
+    t0, best, history = time.time(), ((-1.0, -1.0), None), []
     bar = tqdm(range(args.epochs), desc="bridge")
     for epoch in bar:
         bridge.train()
@@ -173,8 +173,8 @@ def main(argv=None):
             opt.step()
         zero, mixed = evaluate(bridge, f_val, t_val, val_cls, val_idx, args.mix)
         history.append({"epoch": epoch + 1, "loss": loss.item(), "val_zero_shot": zero, "val_1shot_mix": mixed})
-        if mixed > best[0]:
-            best = (mixed, copy.deepcopy(bridge.state_dict()))
+        if (mixed, zero) > best[0]:  # ties on the mix are broken by zero-shot accuracy
+            best = ((mixed, zero), copy.deepcopy(bridge.state_dict()))
         bar.set_postfix(loss=f"{loss.item():.3f}", zero=f"{zero:.1f}", mix=f"{mixed:.1f}")
 
     out = os.path.join(args.run, args.out)
@@ -182,9 +182,9 @@ def main(argv=None):
     common.save_checkpoint(out, "bridge", config, args.dataset, classes, state=best[1],
                            upstream={args.student: st["id"], args.semantics: sem["id"]},
                            dims={"sem": t_train.shape[1], "vis": f_train.shape[1]},
-                           history=history, best_acc=best[0], seconds=time.time() - t0)
+                           history=history, best_acc=best[0][0], seconds=time.time() - t0)
     last = history[-1]
-    print(f"wrote {out}: best val 1-shot fixed mix {best[0]:.2f}% (last epoch: zero-shot {last['val_zero_shot']:.2f}%, "
+    print(f"wrote {out}: best val 1-shot fixed mix {best[0][0]:.2f}% (last epoch: zero-shot {last['val_zero_shot']:.2f}%, "
           f"mix {last['val_1shot_mix']:.2f}%), {time.time() - t0:.0f}s")
 
 

@@ -122,10 +122,10 @@ def main(argv=None):
         b.load_state_dict(c["state"])
         return b.eval()
 
-    def classifier_of(c):
+    def classifier_of(c, bridge_ck):
         m = FewShotClassifier(torch.zeros(c["n_base"], c["dim"]), c["config"]["hidden"]).to(device)
         m.load_state_dict(c["state"]["model"])
-        b = bridge_of(ck["bridge"] if c is ck["classifier"] else ck["bridge-t"])
+        b = bridge_of(bridge_ck)
         b.load_state_dict(c["state"]["bridge"])  # the bridge as stage 4 left it (fine-tuned or not)
         return m.eval(), b
 
@@ -167,12 +167,13 @@ def main(argv=None):
                 "enqd,ecd->enqc", F.normalize(q, dim=-1), fixed_mix(s.mean(2), w_sem[cls], best_mix[k])))
         else:
             skipped += [("semantic-only", f"run 03_bridge.py --run {run}"), ("fixed-fusion", f"run 03_bridge.py --run {run}")]
-        for method, cname, sname in [("syntrans", "classifier", "semantics"), ("syntrans-templates", "classifier-t", "semantics-t")]:
-            if ck[cname] is None or ck[sname] is None:
+        for method, cname, sname, bname in [("syntrans", "classifier", "semantics", "bridge"),
+                                            ("syntrans-templates", "classifier-t", "semantics-t", "bridge-t")]:
+            if ck[cname] is None or ck[sname] is None or ck[bname] is None:
                 how = f"run 04_classifier.py --run {run}" if method == "syntrans" else "bash run.sh (it makes the template-only variant)"
                 skipped.append((method, how))
                 continue
-            model, b = classifier_of(ck[cname])
+            model, b = classifier_of(ck[cname], ck[bname])
             w_s_all = b.to_visual(ck[sname]["state"]["test"].float().to(device))
             rows[method] = ("distilled", lambda k, cls, s, q, model=model, w=w_s_all: model.logits(q, model(s, w[cls])[0]))
 

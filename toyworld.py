@@ -236,7 +236,7 @@ def render(attrs, rng):
 # pipeline; "toy-tiny" is for tests (same classes, far fewer images).
 SCALES = {
     "toy": dict(n_train=30, n_eval=60, n_web=40000, teacher_epochs=6),
-    "toy-tiny": dict(n_train=20, n_eval=24, n_web=3000, teacher_epochs=2),
+    "toy-tiny": dict(n_train=20, n_eval=24, n_web=4000, teacher_epochs=8),
 }
 _STREAMS = {"train": 1, "val": 2, "test": 3, "web": 4}  # disjoint seed streams
 

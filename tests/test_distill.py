@@ -201,17 +201,12 @@ def test_the_best_validation_epochs_student_is_kept(two_epoch_run):
     assert not same_state(ck["state"]["student"], per_epoch[1]["student"])
 
 
-@pytest.mark.xfail(strict=True, reason="01_distill saves the best epoch's student with the LAST epoch's ce_head "
-                                       "and proj; 04_classifier --base-weights head then pairs them")
 def test_the_heads_saved_are_those_of_the_best_epoch(two_epoch_run):
     ck, per_epoch = two_epoch_run
     assert same_state(ck["state"]["ce_head"], per_epoch[0]["ce_head"])
     assert same_state(ck["state"]["proj"], per_epoch[0]["proj"])
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                   reason="a --batch-size above the number of base images gives 0 steps and a ZeroDivisionError "
-                          "traceback in the LR schedule instead of a one-line error")
 def test_a_batch_larger_than_the_training_set_is_a_user_error(tmp_path):
     with pytest.raises(common.UserError, match="batch"):
         distill.main(["--run", str(tmp_path / "run"), *TINY, *TINY_STUDENT, "--distill-weight", "0",
