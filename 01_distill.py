@@ -99,6 +99,8 @@ def main(argv=None):
     out_name = args.out or (common.STUDENT_CE if args.distill_weight == 0 else common.STUDENT)
     out = os.path.join(args.run, out_name)
     last = out.replace(".pt", ".last.pt")
+    common.on_interrupt(lambda: f"the last completed epoch is kept in {last}: rerun the same command with --resume "
+                        f"to continue" if os.path.exists(last) else "no epoch had finished, nothing to resume: rerun")
     device = common.get_device(args.device)
     common.set_seed(args.seed)
     widths = tuple(int(w) for w in args.widths.split(","))
@@ -107,9 +109,9 @@ def main(argv=None):
     train = common.load_split(args.dataset, "train", args.data_root)
     val = common.load_split(args.dataset, "val", args.data_root)
     classes = common.class_names(args.dataset, args.data_root)
-    if not 0 < args.batch_size <= len(train) or args.epochs < 1:
-        raise common.UserError(f"--batch-size must be between 1 and the {len(train)} base images of {args.dataset}, "
-                               f"and --epochs at least 1: an epoch would have no step")
+    common.check_episodes(val, 5, 1, 15)  # the fixed validation episodes, refused here rather than mid-run
+    if args.epochs < 1 or not 0 < args.batch_size <= len(train):
+        raise common.UserError(f"--epochs must be at least 1 and --batch-size 1 to {len(train)} (the training images)")
     _, val_episodes = common.sample_episodes(val.labels, 5, 1, 15, args.val_episodes, seed=args.seed)
     print(f"{args.dataset}: {len(train)} base images of {len(train.classes)} classes at {train.size}px; "
           f"{len(val.classes)} val classes; device {device}")
@@ -139,15 +141,20 @@ def main(argv=None):
     if args.resume and os.path.exists(last):
         ck = common.load_checkpoint(last, "distill-last", f"rerun without --resume")
         common.check_same_world(ck, last, args.dataset, classes, teacher_id)
+        common.check_same_config(ck, last, config, ignore=("resume", "workers", "device", "run", "data_root"))
         student.load_state_dict(ck["state"]["student"])
         ce_head.load_state_dict(ck["state"]["ce_head"])
         proj.load_state_dict(ck["state"]["proj"])
         opt.load_state_dict(ck["state"]["opt"])
         sched.load_state_dict(ck["state"]["sched"])
         torch.set_rng_state(ck["state"]["rng"])
+        if device.type == "cuda" and "cuda_rng" in ck["state"]:  # DropBlock draws on the GPU
+            torch.cuda.set_rng_state(ck["state"]["cuda_rng"], device)
         start_epoch, history = ck["epoch"], ck["history"]
         best = (ck["best_acc"], ck["state"]["best"])
         print(f"resumed from {last} at epoch {start_epoch}")
+    elif args.resume:
+        print(f"no {last} to resume from: starting at epoch 1")
 
     from tqdm import tqdm
     t0, last_finite, seen = time.time(), None, 0
@@ -167,10 +174,8 @@ def main(argv=None):
             if args.distill_weight > 0:
                 loss_kd = info_nce(proj(feat), t_emb[idx].to(device), args.temperature)
                 loss = loss + args.distill_weight * loss_kd
-            if not torch.isfinite(loss):
-                raise common.UserError(f"loss became {loss.item()} at epoch {epoch + 1} step {b} (last finite loss "
-                                       f"{last_finite}); lower --lr. The last good epoch is kept in {last}")
-            last_finite = loss.item()
+            last_finite = common.check_finite(loss, f"epoch {epoch + 1} step {b + 1}", last_finite,
+                                              kept=last if epoch > 0 else None)  # epoch > 0: this run's file
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -193,6 +198,7 @@ def main(argv=None):
                                state={"student": student.state_dict(), "ce_head": ce_head.state_dict(),
                                       "proj": proj.state_dict(), "opt": opt.state_dict(),
                                       "sched": sched.state_dict(), "rng": torch.get_rng_state(),
+                                      **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                                       "best": best[1]})
 
     common.save_checkpoint(out, "distill", config, args.dataset, classes, teacher=teacher_id,

@@ -557,6 +557,8 @@ def main(argv=None):
     # ---- class names of every split (the splits are loaded once: base images serve the image vote)
     splits = {s: common.load_split(args.dataset, s, args.data_root) for s in common.SPLITS}
     classes = {s: splits[s].classes for s in common.SPLITS}
+    if args.compare:  # the zero-shot episodes, refused before anything is asked or encoded
+        common.check_episodes(splits["test"], args.ways, 0, args.queries, "--ways or --queries", min_shot=0)
     print(f"{args.dataset}: {', '.join(f'{len(classes[s])} {s}' for s in common.SPLITS)} classes; device {device}")
 
     # ---- 1. candidates from every source

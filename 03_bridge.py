@@ -127,11 +127,15 @@ def main(argv=None):
     common.check_same_world(st, student_path, args.dataset, classes)
     sem = common.load_checkpoint(sem_path, "mine", f"run 02_mine.py --run {args.run} first")
     common.check_same_world(sem, sem_path, args.dataset, classes)
+    common.check_same_teacher({student_path: st, sem_path: sem})
     student = common.ResNet12(tuple(st["config"]["widths"])).to(device)
     student.load_state_dict(st["state"]["student"])
 
     train = common.load_split(args.dataset, "train", args.data_root)
     val = common.load_split(args.dataset, "val", args.data_root)
+    common.check_episodes(val, 5, 1, 15)  # the fixed validation episodes; and a run that writes something:
+    if args.epochs < 1:
+        raise common.UserError("--epochs must be at least 1")
     f_train = common.student_features(args.run, student, st["id"], train, device)
     f_val = common.student_features(args.run, student, st["id"], val, device)
     y_train = train.labels

@@ -157,6 +157,10 @@ def main(argv=None):
 
     train = common.load_split(args.dataset, "train", args.data_root)
     val = common.load_split(args.dataset, "val", args.data_root)
+    common.check_episodes(train, args.n_way, args.shots, args.n_query, "--n-way, --shots or --n-query")
+    common.check_episodes(val, 5, args.shots, 15, "--shots")  # the fixed validation episodes
+    if args.steps < 1 or args.val_every < 1:
+        raise common.UserError("--steps and --val-every must be at least 1")
     f_train = common.student_features(args.run, student, ck["distill"]["id"], train, device).to(device)
     f_val = common.student_features(args.run, student, ck["distill"]["id"], val, device).to(device)
     t = {s: ck["mine"]["state"][s].float().to(device) for s in ("train", "val")}

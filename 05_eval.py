@@ -93,13 +93,22 @@ def main(argv=None):
           "semantics-t": load_optional(run, TEMPLATES["semantics"], "mine"),
           "bridge-t": load_optional(run, TEMPLATES["bridge"], "bridge"),
           "classifier-t": load_optional(run, TEMPLATES["classifier"], "classifier")}
+    made = {common.STUDENT: st, common.SEMANTICS: ck["semantics"], common.BRIDGE: ck["bridge"],
+            TEMPLATES["semantics"]: ck["semantics-t"], TEMPLATES["bridge"]: ck["bridge-t"]}  # what later stages build on
     for name, c in [("student", st)] + list(ck.items()):
         if c is not None:
             common.check_same_world(c, os.path.join(run, name), args.dataset, classes)
+            for up, u in made.items():  # a stage rerun since: what was built on it is stale
+                if u is not None:
+                    common.check_upstream(c, os.path.join(run, name), up, u["id"], "rerun the stages after it (see run.sh)")
+    common.check_same_teacher({common.STUDENT: st, common.SEMANTICS: ck["semantics"], TEMPLATES["semantics"]: ck["semantics-t"]})
 
     # ---- features of the novel split, once, shared by every row
     test = common.load_split(args.dataset, "test", args.data_root)
     val = common.load_split(args.dataset, "val", args.data_root)
+    common.check_episodes(test, args.n_way, args.shots, args.n_query, "--n-way, --shots or --n-query")
+    if ck["bridge"] is not None:  # fixed-fusion picks its mix on val episodes of the same shape
+        common.check_episodes(val, args.n_way, args.shots, args.n_query, "--n-way, --shots or --n-query")
 
     def student_feats(c, split):
         net = common.ResNet12(tuple(c["config"]["widths"])).to(device)

@@ -13,6 +13,7 @@ only these pieces.
 """
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -43,13 +44,33 @@ class UserError(Exception):
     reported as one line that says what to do, without a traceback."""
 
 
+_interrupt_hint = None  # set by on_interrupt(): what to say when the user presses Ctrl-C
+INTERRUPTED = "files are written whole or not at all, so nothing half-written was left; rerun the command"
+
+
+def on_interrupt(hint):
+    """Say what a Ctrl-C (SIGINT) leaves behind and how to go on: `hint` is a string or a
+    function returning one (called when the interrupt comes, so it can look at the disk)."""
+    global _interrupt_hint
+    _interrupt_hint = hint
+
+
 def run_main(main):
-    """Call a stage's main(); user errors become a one-line message and exit code 2."""
+    """Call a stage's main(); user errors become a one-line message and exit code 2,
+    a Ctrl-C a one-line message and exit code 130. Other exceptions are bugs: traceback."""
+    on_interrupt(None)
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = str(e).strip()
+        if "\n" in msg:  # re-raised from a DataLoader worker: "Caught UserError in ...\n<traceback>"
+            msg = msg.splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        hint = _interrupt_hint() if callable(_interrupt_hint) else _interrupt_hint
+        print(f"interrupted: {hint or INTERRUPTED}", file=sys.stderr)
+        sys.exit(130)
 
 
 def get_device(name=None):
@@ -89,9 +110,14 @@ def atomic_save(obj, path):
 def atomic_write_text(text, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: no temp file is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_checkpoint(path, stage, config, dataset, classes, state, upstream=None, **extra):
@@ -119,6 +145,45 @@ def load_checkpoint(path, stage, hint):
         raise UserError(f"{path} was written by stage '{ckpt.get('stage')}', expected '{stage}': {hint}")
     ckpt["id"] = file_id(path)
     return ckpt
+
+
+def check_finite(loss, where, last_finite, kept=None, fix="lower --lr"):
+    """Returns loss.item(); a NaN or infinite loss stops the stage with one line saying where,
+    the last finite loss and what is kept (`kept`: the last good checkpoint, if it exists)."""
+    value = loss.item()
+    if math.isfinite(value):
+        return value
+    before = "none yet" if last_finite is None else f"{last_finite:.6g}"
+    kept = f"the last good epoch is kept in {kept}" if kept and os.path.exists(kept) else "no checkpoint was written"
+    raise UserError(f"loss became {value} at {where} (last finite loss {before}): {fix}; {kept}")
+
+
+def check_same_config(ckpt, path, config, ignore=()):
+    """Refuse to resume from a checkpoint made with other flags (the result would be neither run)."""
+    diff = [k for k in sorted(set(config) | set(ckpt["config"])) if k not in ignore
+            and ckpt["config"].get(k) != config.get(k)]
+    if diff:
+        k = diff[0]
+        more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+        raise UserError(f"{path} was made with --{k.replace('_', '-')} {ckpt['config'].get(k)}, not {config.get(k)}"
+                        f"{more}: resume with the same flags, or start over without --resume")
+
+
+def check_same_teacher(ckpts):
+    """Refuse upstream checkpoints ({path: checkpoint}) made with different teachers
+    (a checkpoint without one, e.g. the CE-only student, is compatible with any)."""
+    made = [(p, c["teacher"]) for p, c in ckpts.items() if c is not None and c.get("teacher")]
+    for p, t in made[1:]:
+        if t != made[0][1]:
+            who = [" ".join(str(x[k]) for k in ("name", "pretrained", "file_id") if x.get(k)) for x in (made[0][1], t)]
+            raise UserError(f"{made[0][0]} was made with teacher {who[0]} but {p} with {who[1]}: "
+                            f"rerun the stages with the same --clip/--clip-pretrained")
+
+
+def check_upstream(ckpt, path, name, expected_id, hint):
+    """Refuse a checkpoint built on another version of `name` than the one in the run folder."""
+    if name in ckpt.get("upstream", {}) and ckpt["upstream"][name] != expected_id:
+        raise UserError(f"{path} was built on another {name} than the one there now: {hint}")
 
 
 def check_same_world(ckpt, path, dataset, classes=None, teacher=None):
@@ -238,8 +303,12 @@ class Split:
         from PIL import Image
         if self.images is not None:
             return Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
-        with Image.open(self.paths[i]) as im:
-            return im.convert("RGB")
+        try:
+            with Image.open(self.paths[i]) as im:
+                return im.convert("RGB")
+        except Exception as e:  # missing, not an image, truncated: name the file
+            raise UserError(f"cannot read image {self.paths[i]} ({type(e).__name__}): replace or delete it "
+                            f"(python common.py check --dataset {self.dataset} --data-root ... reads every image)")
 
     def student_batch(self, idx):
         """uint8 [B, 3, size, size] for the student."""
@@ -575,6 +644,30 @@ def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, seed):
     index = torch.stack([torch.stack([per_class[c][torch.randperm(len(per_class[c]), generator=g)[:k_shot + n_query]]
                                       for c in ep.tolist()]) for ep in classes])
     return classes, index
+
+
+def check_episodes(split, n_way, shots, n_query, flags=None, min_shot=1):
+    """Refuse, before any training, N-way episodes with `shots` (an int, or a string such as
+    "1,5") support and n_query query images per class that `split` cannot supply. `flags`
+    names the command-line flags that set them. Returns the shot counts as a list of ints."""
+    try:
+        shots = [int(k) for k in str(shots).split(",")]
+    except ValueError:
+        raise UserError(f"{flags or 'shots'}: '{shots}' is not a comma-separated list of shot counts such as 1,5")
+    fix = f": lower {flags}" if flags else ": the dataset is incomplete (python common.py check warns about such classes)"
+    if n_way < 2 or min(shots) < min_shot or n_query < 1:
+        raise UserError(f"{n_way}-way {','.join(map(str, shots))}-shot episodes with {n_query} queries: use at "
+                        f"least 2 ways, {min_shot} shot{'s' * (min_shot != 1)} and 1 query ({flags or 'fixed here'})")
+    if n_way > len(split.classes):
+        raise UserError(f"{n_way}-way episodes need {n_way} classes; {split.dataset} {split.split} has "
+                        f"{len(split.classes)}{fix}")
+    counts = torch.bincount(split.labels, minlength=len(split.classes))
+    need = max(shots) + n_query
+    if counts.min() < need:
+        c = int(counts.argmin())
+        raise UserError(f"{split.dataset} {split.split} class '{split.classes[c]}' has {int(counts[c])} images; "
+                        f"{max(shots)}-shot episodes with {n_query} queries need {need}{fix}")
+    return shots
 
 
 def split_episodes(feats, index, k_shot):

@@ -1,0 +1,398 @@
+"""Failure paths (issue 9): every user mistake or interruption ends in one line that says
+what to do, and nothing is written half. The stages run in this process on the tiny toy
+world (toy-tiny, toy-clip-tiny) with a tiny student; one run is a real subprocess that
+gets a real SIGINT. Cases covered elsewhere: dataset root missing / wrong layout / class
+folders not in the split lists (test_datasets.py), truncated, wrong-stage and
+newer-format checkpoints and weights_only loading (test_common.py), language-model
+failures and the API key never being written (test_mine.py)."""
+import importlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import common
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORLD = ["--dataset", "toy-tiny", "--clip", "toy-clip-tiny"]
+# a student small enough to train an epoch of toy-tiny (1280 images) in about a second
+TINY01 = WORLD + ["--widths", "4,4,8,8", "--batch-size", "256", "--val-episodes", "10", "--val-every", "1",
+                  "--epochs", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: faster on a shared 2-core machine, and the same float results in this
+    process and in the subprocess (OMP_NUM_THREADS=1) that the resume test compares."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def stage(name):
+    return importlib.import_module(name)
+
+
+def run_stage(capsys, name, *argv):
+    """A stage's main() under run_main, as its command line runs it: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        common.run_main(lambda: stage(name).main(list(argv)))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, *parts):
+    """The stage stopped with exit code 2 and a one-line message, the last thing on stderr
+    (before it there may be progress bars, which go to stderr too)."""
+    assert code == 2 and "Traceback" not in err and err.count("error: ") == 1, err
+    assert err.endswith("\n"), err
+    err = err.replace("\r", "\n").rstrip("\n").split("\n")[-1]
+    assert err.startswith("error: "), err
+    assert all(p in err for p in parts), err
+    return err
+
+
+def copy_run(src, dst, *files):
+    """A new run folder with the cached features of `src` (and some of its files)."""
+    shutil.copytree(os.path.join(src, "cache"), os.path.join(dst, "cache"))
+    for f in files:
+        shutil.copy(os.path.join(src, f), os.path.join(dst, f))
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """An uninterrupted 2-epoch stage-1 run: the reference of the resume test and the
+    upstream of the later stages."""
+    run = str(tmp_path_factory.mktemp("base"))
+    stage("01_distill").main(["--run", run] + TINY01)
+    return run
+
+
+def fake_semantics(run, teacher, classes=None, name=common.SEMANTICS):
+    """A stage-2 checkpoint with random class vectors (stage 3 and 4 only need its shapes)."""
+    classes = classes or common.class_names("toy-tiny")
+    g = torch.Generator().manual_seed(0)
+    state = {s: torch.randn(len(classes[s]), 16, generator=g) for s in common.SPLITS}
+    common.save_checkpoint(os.path.join(run, name), "mine", {}, "toy-tiny", classes, state, teacher=teacher)
+
+
+@pytest.fixture(scope="module")
+def full_run(base_run, tmp_path_factory):
+    """Stages 1 (copied), 2 (fake vectors) and 3 (one epoch): the upstream of stage 4 and 5."""
+    run = copy_run(base_run, tmp_path_factory.mktemp("full"), common.STUDENT)
+    fake_semantics(run, torch.load(os.path.join(run, common.STUDENT), weights_only=True)["teacher"])
+    stage("03_bridge").main(["--run", run] + WORLD + ["--epochs", "1", "--val-episodes", "10", "--hidden", "16"])
+    return run
+
+
+# ----------------------------------------------------------------------------------
+# run_main: Ctrl-C anywhere, and a UserError raised inside a DataLoader worker
+
+def test_keyboard_interrupt_anywhere_is_one_line_and_exit_code_130(capsys):
+    def main():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        common.run_main(main)
+    assert e.value.code == 130
+    assert capsys.readouterr().err == f"interrupted: {common.INTERRUPTED}\n"
+
+    def main_with_hint():
+        common.on_interrupt(lambda: "epoch 3 is kept in x.pt: rerun with --resume")
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit):
+        common.run_main(main_with_hint)
+    assert capsys.readouterr().err == "interrupted: epoch 3 is kept in x.pt: rerun with --resume\n"
+    with pytest.raises(SystemExit):
+        common.run_main(main)  # a hint does not outlive its run
+    assert capsys.readouterr().err == f"interrupted: {common.INTERRUPTED}\n"
+
+
+def test_interrupted_text_write_keeps_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    common.atomic_write_text("old\n", str(path))
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", interrupted)  # Ctrl-C between writing and renaming
+    with pytest.raises(KeyboardInterrupt):
+        common.atomic_write_text("new\n", str(path))
+    assert os.listdir(tmp_path) == ["results.json"] and path.read_text() == "old\n"
+
+
+# ----------------------------------------------------------------------------------
+# Datasets
+
+def image_split(tmp_path):
+    """A file-based split of two images, the second not an image at all."""
+    good, bad = tmp_path / "a_0.png", tmp_path / "a_1.jpg"
+    Image.new("RGB", (12, 10), (200, 30, 30)).save(good)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (0, 90, 200)).save(buf, "JPEG")
+    bad.write_bytes(buf.getvalue()[:200])  # a truncated download
+    return common.Split("tiered-imagenet", "train", ["a"], torch.tensor([0, 0]), paths=[str(good), str(bad)], size=8)
+
+
+def test_corrupt_image_met_while_training_is_named(tmp_path, capsys):
+    split = image_split(tmp_path)
+    assert split.student_batch([0]).shape == (1, 3, 8, 8)
+    with pytest.raises(common.UserError, match=f"cannot read image {split.paths[1]} .OSError.: replace or delete"):
+        split.student_batch([1])
+
+    def main():  # the same file met by a DataLoader worker process (01_distill.py --workers N)
+        for _ in torch.utils.data.DataLoader(common.StudentImages(split), batch_size=2, num_workers=1):
+            pass
+    with pytest.raises(SystemExit):
+        common.run_main(main)
+    one_line_error(2, capsys.readouterr().err, f"cannot read image {split.paths[1]} (OSError)")
+
+
+def short_class_split(split):
+    """`split` with class 3 cut to 10 images."""
+    keep = torch.ones(len(split), dtype=torch.bool)
+    keep[torch.nonzero(split.labels == 3).flatten()[10:]] = False
+    return common.Split(split.dataset, split.split, split.classes, split.labels[keep], images=split.images[keep],
+                        size=split.size, ids=split.ids)
+
+
+def test_class_with_fewer_images_than_an_episode_needs_is_named(tiny_val):
+    short = short_class_split(tiny_val)
+    with pytest.raises(common.UserError) as e:
+        common.check_episodes(short, 5, "1,5", 15, "--shots")
+    assert str(e.value) == (f"toy-tiny val class '{tiny_val.classes[3]}' has 10 images; 5-shot episodes with 15 "
+                            f"queries need 20: lower --shots")
+    with pytest.raises(common.UserError, match="17-way episodes need 17 classes; toy-tiny val has 16: lower --n-way"):
+        common.check_episodes(tiny_val, 17, 1, 15, "--n-way")
+    with pytest.raises(common.UserError, match="'1,x' is not a comma-separated list"):
+        common.check_episodes(tiny_val, 5, "1,x", 15, "--shots")
+    assert common.check_episodes(tiny_val, 5, "1,5", 15, "--shots") == [1, 5]
+
+
+def test_stage1_refuses_a_val_split_too_small_for_its_episodes_before_training(tmp_path, capsys, monkeypatch):
+    load = common.load_split
+    monkeypatch.setattr(common, "load_split", lambda d, s, r=None: short_class_split(load(d, s, r)) if s == "val"
+                        else load(d, s, r))
+    code, out, err = run_stage(capsys, "01_distill", "--run", str(tmp_path), *TINY01)
+    one_line_error(code, err, f"toy-tiny val class '{common.class_names('toy-tiny')['val'][3]}' has 10 images",
+                   "need 16: the dataset is incomplete")
+    assert os.listdir(tmp_path) == []  # not even the teacher's features: refused before anything
+
+
+# ----------------------------------------------------------------------------------
+# Arguments: each refused in one line before anything is trained or written
+
+@pytest.mark.parametrize("argv,parts", [
+    (["--dataset", "no-such"], ["unknown dataset 'no-such'", "toy-tiny", "mini-imagenet"]),
+    (["--dataset", "mini-imagenet", "--data-root", "/no/such/folder"], ["/no/such/folder is not a folder"]),
+    (["--clip", "no-such-clip"], ["unknown teacher 'no-such-clip'", "toy-clip-tiny", "ViT-B-32"]),
+    (["--batch-size", "5000"], ["--batch-size 1 to 1280"]),
+    (["--epochs", "0"], ["--epochs must be at least 1"]),
+])
+def test_stage1_bad_arguments(tmp_path, capsys, argv, parts):
+    code, out, err = run_stage(capsys, "01_distill", "--run", str(tmp_path), *TINY01, *argv)
+    one_line_error(code, err, *parts)
+    assert not os.path.exists(tmp_path / common.STUDENT) and not os.path.exists(tmp_path / "01_student.last.pt")
+
+
+def test_stage4_refuses_ways_and_shots_the_split_cannot_supply(full_run, capsys):
+    classes = common.class_names("toy-tiny")
+    code, _, err = run_stage(capsys, "04_classifier", "--run", full_run, *WORLD, "--n-way", "65")
+    one_line_error(code, err, "65-way episodes need 65 classes; toy-tiny train has 64: lower --n-way")
+    code, _, err = run_stage(capsys, "04_classifier", "--run", full_run, *WORLD, "--shots", "1,6")
+    one_line_error(code, err, f"toy-tiny train class '{classes['train'][0]}' has 20 images; 6-shot episodes with 15 "
+                              f"queries need 21: lower --n-way, --shots or --n-query")
+    code, _, err = run_stage(capsys, "04_classifier", "--run", full_run, *WORLD, "--steps", "0")
+    one_line_error(code, err, "--steps and --val-every must be at least 1")
+    assert not os.path.exists(os.path.join(full_run, common.CLASSIFIER))
+
+
+def test_stage5_refuses_ways_shots_and_queries_the_split_cannot_supply(full_run, capsys):
+    for argv, part in [(["--shots", "1,10"], "10-shot episodes with 15 queries need 25"),
+                       (["--n-query", "30"], "5-shot episodes with 30 queries need 35"),
+                       (["--n-way", "21"], "21-way episodes need 21 classes; toy-tiny test has 20")]:
+        code, _, err = run_stage(capsys, "05_eval", "--run", full_run, *WORLD, *argv)
+        one_line_error(code, err, part, "lower --n-way, --shots or --n-query")
+    assert not os.path.exists(os.path.join(full_run, common.RESULTS))
+
+
+def test_stage2_refuses_compare_episodes_the_split_cannot_supply(tmp_path, capsys):
+    code, _, err = run_stage(capsys, "02_mine", "--run", str(tmp_path), *WORLD, "--llm", "toy", "--compare",
+                             "--ways", "21")
+    one_line_error(code, err, "21-way episodes need 21 classes; toy-tiny test has 20: lower --ways or --queries")
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------
+# Checkpoints: a stage refuses upstream files it cannot use, in one line
+
+def test_upstream_not_run_yet(tmp_path, capsys):
+    for name, missing, hint in [("03_bridge", common.STUDENT, "run 01_distill.py"),
+                                ("04_classifier", common.STUDENT, "run 01_distill.py"),
+                                ("05_eval", common.STUDENT, "run 01_distill.py")]:
+        code, _, err = run_stage(capsys, name, "--run", str(tmp_path), *WORLD)
+        one_line_error(code, err, f"{tmp_path / missing} not found: {hint} --run {tmp_path} first")
+
+
+def test_upstream_of_another_dataset_class_list_or_teacher(base_run, tmp_path, capsys):
+    run = copy_run(base_run, tmp_path / "run", common.STUDENT)
+    teacher = torch.load(os.path.join(run, common.STUDENT), weights_only=True)["teacher"]
+    bridge = ["--run", run] + WORLD + ["--epochs", "1", "--val-episodes", "10", "--hidden", "16"]
+    fake_semantics(run, teacher)
+    code, _, err = run_stage(capsys, "03_bridge", *bridge[:2], "--dataset", "toy", *bridge[4:])
+    one_line_error(code, err, "was built on dataset 'toy-tiny', not 'toy'")
+    other = common.class_names("toy-tiny")
+    other["test"] = other["test"][::-1]
+    fake_semantics(run, teacher, other)
+    code, _, err = run_stage(capsys, "03_bridge", *bridge)
+    one_line_error(code, err, f"{os.path.join(run, common.SEMANTICS)} was built with other class names")
+    fake_semantics(run, dict(teacher, name="ViT-B-32", pretrained="openai", file_id=""))
+    code, _, err = run_stage(capsys, "03_bridge", *bridge)
+    one_line_error(code, err, "with teacher", "ViT-B-32", "rerun the stages with the same --clip/--clip-pretrained")
+    assert not os.path.exists(os.path.join(run, common.BRIDGE))
+
+
+@pytest.mark.parametrize("damage", ["older-format", "no-format", "truncated"])
+def test_upstream_checkpoint_of_an_older_format_or_truncated(base_run, tmp_path, capsys, damage):
+    path = tmp_path / common.STUDENT
+    shutil.copy(os.path.join(base_run, common.STUDENT), path)
+    ck = torch.load(path, weights_only=True)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:5000])
+    else:
+        if damage == "older-format":
+            ck["format"] = common.FORMAT_VERSION - 1
+        else:
+            del ck["format"]
+        torch.save(ck, path)
+    code, _, err = run_stage(capsys, "03_bridge", "--run", str(tmp_path), *WORLD)
+    found = {"older-format": f"format {common.FORMAT_VERSION - 1}", "no-format": "format None",
+             "truncated": "is not a readable checkpoint"}[damage]
+    one_line_error(code, err, str(path), found, "run 01_distill.py")
+
+
+def test_stage5_refuses_a_bridge_built_on_an_earlier_student(full_run, tmp_path, capsys):
+    run = copy_run(full_run, tmp_path / "run", common.SEMANTICS, common.BRIDGE)
+    ck = torch.load(os.path.join(full_run, common.STUDENT), weights_only=True)
+    ck["seconds"] += 1  # stage 1 rerun since stage 3: another file
+    torch.save(ck, os.path.join(run, common.STUDENT))
+    code, _, err = run_stage(capsys, "05_eval", "--run", run, *WORLD)
+    one_line_error(code, err, f"was built on another {common.STUDENT} than the one there now")
+    assert not os.path.exists(os.path.join(run, common.RESULTS))
+
+
+# ----------------------------------------------------------------------------------
+# Training: a NaN or infinite loss stops the stage; nothing garbage is written
+
+def test_stage1_nan_reports_step_and_last_finite_loss_and_keeps_the_last_good_epoch(base_run, tmp_path, capsys,
+                                                                                   monkeypatch):
+    distill = stage("01_distill")
+    real, calls, kept = distill.info_nce, [], {}
+    last = tmp_path / "01_student.last.pt"
+
+    def info_nce(*a):  # 5 steps an epoch: the 7th step is epoch 2 step 2
+        calls.append(1)
+        if len(calls) == 7:
+            kept["id"] = common.file_id(last)
+            return torch.tensor(float("inf"))
+        return real(*a)
+    monkeypatch.setattr(distill, "info_nce", info_nce)
+    code, out, err = run_stage(capsys, "01_distill", "--run", copy_run(base_run, tmp_path), *TINY01)
+    one_line_error(code, err, "loss became inf at epoch 2 step 2 (last finite loss ",
+                   f"): lower --lr; the last good epoch is kept in {last}")
+    assert float(err.split("last finite loss ")[1].split(")")[0]) > 0
+    assert common.file_id(last) == kept["id"]  # untouched since epoch 1
+    assert common.load_checkpoint(str(last), "distill-last", "")["epoch"] == 1
+    assert not os.path.exists(tmp_path / common.STUDENT)
+
+
+def test_stage1_nan_on_the_first_step_says_nothing_was_written(base_run, tmp_path, capsys, monkeypatch):
+    distill = stage("01_distill")
+    monkeypatch.setattr(distill, "info_nce", lambda *a: torch.tensor(float("nan")))
+    code, _, err = run_stage(capsys, "01_distill", "--run", copy_run(base_run, tmp_path), *TINY01)
+    one_line_error(code, err, "loss became nan at epoch 1 step 1 (last finite loss none yet): lower --lr; "
+                              "no checkpoint was written")
+    assert sorted(os.listdir(tmp_path)) == ["cache"]
+
+
+def test_stage3_nan_writes_no_bridge(base_run, tmp_path, capsys, monkeypatch):
+    run = copy_run(base_run, tmp_path, common.STUDENT)
+    fake_semantics(run, torch.load(os.path.join(run, common.STUDENT), weights_only=True)["teacher"])
+    monkeypatch.setattr(stage("03_bridge"), "cos_loss", lambda a, b: torch.tensor(float("nan")))
+    code, _, err = run_stage(capsys, "03_bridge", "--run", run, *WORLD, "--epochs", "2", "--val-episodes", "10")
+    one_line_error(code, err, "loss became nan", "lower --lr")
+    assert not os.path.exists(os.path.join(run, common.BRIDGE))
+
+
+def test_stage4_nan_writes_no_classifier(full_run, capsys, monkeypatch):
+    clf = stage("04_classifier").FewShotClassifier
+    real = clf.logits
+    monkeypatch.setattr(clf, "logits", lambda self, q, w: real(self, q, w) * float("nan"))
+    code, _, err = run_stage(capsys, "04_classifier", "--run", full_run, *WORLD, "--steps", "3", "--val-every", "1",
+                             "--val-episodes", "10", "--hidden", "16")
+    one_line_error(code, err, "loss became nan", "lower --lr")
+    assert not os.path.exists(os.path.join(full_run, common.CLASSIFIER))
+
+
+def test_stage1_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(base_run, tmp_path, capsys, monkeypatch):
+    def info_nce(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(stage("01_distill"), "info_nce", info_nce)
+    code, _, err = run_stage(capsys, "01_distill", "--run", copy_run(base_run, tmp_path), *TINY01)
+    assert code == 130 and "Traceback" not in err, err
+    assert err.replace("\r", "\n").rstrip().split("\n")[-1] == "interrupted: no epoch had finished, nothing to resume: rerun"
+    assert sorted(os.listdir(tmp_path)) == ["cache"]
+
+
+# ----------------------------------------------------------------------------------
+# Ctrl-C mid-epoch, then --resume: the same student as an uninterrupted run
+
+def test_sigint_mid_epoch_then_resume_gives_the_uninterrupted_result(base_run, tmp_path, capsys):
+    run = copy_run(base_run, tmp_path / "run")
+    last = os.path.join(run, "01_student.last.pt")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SYNTRANS_CACHE=os.path.join(REPO, ".cache", "tests"),
+               OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "01_distill.py"), "--run", run, *TINY01],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(last) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert os.path.exists(last), proc.communicate()
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C does: epoch 2 has just begun
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err == f"interrupted: the last completed epoch is kept in {last}: rerun the same command with --resume " \
+                  f"to continue\n"
+    assert common.load_checkpoint(last, "distill-last", "")["epoch"] == 1
+    assert not os.path.exists(os.path.join(run, common.STUDENT))
+
+    # resuming with other flags is refused (it would be neither run), and changes nothing
+    before = common.file_id(last)
+    code, _, err = run_stage(capsys, "01_distill", "--run", run, *TINY01, "--resume", "--lr", "0.1")
+    one_line_error(code, err, f"{last} was made with --lr 0.05, not 0.1: resume with the same flags")
+    assert common.file_id(last) == before
+
+    code, out, err = run_stage(capsys, "01_distill", "--run", run, *TINY01, "--resume")
+    assert code == 0, err
+    assert f"resumed from {last} at epoch 1" in out
+    ref = torch.load(os.path.join(base_run, common.STUDENT), weights_only=True)
+    got = torch.load(os.path.join(run, common.STUDENT), weights_only=True)
+    assert got["history"] == ref["history"] and got["best_acc"] == ref["best_acc"]
+    for part in ("student", "ce_head", "proj"):
+        assert ref["state"][part].keys() == got["state"][part].keys()
+        for k, v in ref["state"][part].items():
+            assert torch.equal(v, got["state"][part][k]), (part, k)
