@@ -119,7 +119,7 @@ def main(argv=None):
         feats["ce"] = student_feats(ck["student-ce"], test)
     if ck["semantics"] is not None:
         teacher, preprocess, _, tid = common.load_teacher(args.clip, args.clip_pretrained, device)
-        if ck["semantics"].get("teacher") not in (None, tid):
+        if ck["semantics"].get("teacher") is not None and not common.same_teacher(ck["semantics"]["teacher"], tid):
             raise common.UserError(f"{common.SEMANTICS} was mined with teacher {ck['semantics']['teacher']}, "
                                    f"not {tid}: pass the same --clip/--clip-pretrained")
         feats["teacher"] = common.teacher_image_features(run, teacher, preprocess, tid, test, device).to(device)

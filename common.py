@@ -169,12 +169,22 @@ def check_same_config(ckpt, path, config, ignore=()):
                         f"{more}: resume with the same flags, or start over without --resume")
 
 
+def same_teacher(a, b):
+    """Two teacher identities name the same teacher: the same model and, for weights read
+    from a file, the same file content (wherever it lies), else the same pretrained tag."""
+    if not a or not b:
+        return a == b
+    if a.get("file_id") or b.get("file_id"):
+        return a["name"] == b["name"] and a.get("file_id") == b.get("file_id")
+    return a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained")
+
+
 def check_same_teacher(ckpts):
     """Refuse upstream checkpoints ({path: checkpoint}) made with different teachers
     (a checkpoint without one, e.g. the CE-only student, is compatible with any)."""
     made = [(p, c["teacher"]) for p, c in ckpts.items() if c is not None and c.get("teacher")]
     for p, t in made[1:]:
-        if t != made[0][1]:
+        if not same_teacher(t, made[0][1]):
             who = [" ".join(str(x[k]) for k in ("name", "pretrained", "file_id") if x.get(k)) for x in (made[0][1], t)]
             raise UserError(f"{made[0][0]} was made with teacher {who[0]} but {p} with {who[1]}: "
                             f"rerun the stages with the same --clip/--clip-pretrained")
@@ -193,7 +203,7 @@ def check_same_world(ckpt, path, dataset, classes=None, teacher=None):
                         f"use another --run folder or rerun that stage with --dataset {dataset}")
     if classes is not None and ckpt["classes"] != classes:
         raise UserError(f"{path} was built with other class names than dataset '{dataset}' has now: rerun that stage")
-    if teacher is not None and ckpt.get("teacher") != teacher:
+    if teacher is not None and not same_teacher(ckpt.get("teacher"), teacher):
         raise UserError(f"{path} was built with teacher {ckpt.get('teacher')}, not {teacher}: "
                         f"rerun that stage with the same --clip/--clip-pretrained")
 
@@ -530,8 +540,7 @@ def resolve_teacher(name, pretrained):
         if pretrained is None:
             # the file name records the recipe (renderer, captions, config, sizes), so a
             # changed toy world never reuses a teacher trained on the old one
-            recipe = hashlib.sha256(open(toyworld.__file__, "rb").read() + open(toyworld.TEACHER_CONFIG, "rb").read())
-            pretrained = os.path.join(cache_dir(), f"{name}-{recipe.hexdigest()[:10]}.pt")
+            pretrained = os.path.join(cache_dir(), f"{name}-{toyworld.teacher_recipe(TOY_TEACHERS[name])}.pt")
             if not os.path.exists(pretrained):
                 print(f"training the stand-in teacher {name} once (cached at {pretrained})")
                 toyworld.train_teacher(TOY_TEACHERS[name], pretrained)

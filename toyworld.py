@@ -393,6 +393,21 @@ def describe(name, seed=0, n=12, wrong_rate=0.3, n_generic=2, label_rate=0.15):
 TEACHER_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "toy-clip.json")
 
 
+def teacher_recipe(name):
+    """A short hash of everything the stand-in teacher of world `name` depends on: the
+    renderer, the attributes and captions, the web set, the training code, its sizes and
+    the architecture config. The cached teacher file is named by it, so a changed recipe
+    is never served a teacher trained on the old one (edits elsewhere keep the cache)."""
+    import hashlib
+    import inspect
+    parts = [inspect.getsource(f) for f in (_polygon, _mask, _texture, render, _render_chunk, caption,
+                                             build_web, train_teacher)]
+    parts += [repr((COLOURS, PATTERNS, SHAPES, RENDER, SIZE, SCALES[name], _STREAMS))]
+    with open(TEACHER_CONFIG, "rb") as f:
+        parts.append(f.read().decode())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
+
+
 def train_teacher(name, path, seed=0, batch_size=256, lr=3e-3, log=print):
     """Train the stand-in CLIP for the toy world `name` and save its state dict to
     `path` (an ordinary open_clip checkpoint file). Architecture: data/toy-clip.json,
@@ -436,3 +451,34 @@ def train_teacher(name, path, seed=0, batch_size=256, lr=3e-3, log=print):
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
     return model
+
+
+# ----------------------------------------------------------------------------------
+# python toyworld.py: render one toy episode to a PNG and measure the renderer's speed
+
+if __name__ == "__main__":
+    import argparse
+    import time
+    p = argparse.ArgumentParser(description="Render a 5-way 1-shot toy episode (support row + queries) to a PNG.")
+    p.add_argument("--out", default="toy_episode.png", help="where to write the picture")
+    p.add_argument("--seed", type=int, default=0, help="episode seed")
+    p.add_argument("--benchmark", type=int, default=2000, help="images to render for the speed figure (0: skip)")
+    args = p.parse_args()
+    images, labels, names = build_split("toy", "test", 0)
+    rng = np.random.default_rng(args.seed)
+    classes = rng.permutation(len(names))[:5]
+    rows = [images[rng.permutation(torch.nonzero(labels == c).flatten().numpy())[:6]] for c in classes]
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # 5 rows of 6 images
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).resize((grid.shape[2] * 3, grid.shape[1] * 3), Image.NEAREST).save(args.out)
+    print(f"wrote {args.out}: one row per class (first image = the support shot, the rest = queries):")
+    for c in classes:
+        print(f"  {names[c]}")
+    if args.benchmark:
+        items = [((i,), (COLOUR_NAMES[i % 8], PATTERN_NAMES[i % 5], SHAPE_NAMES[i % 7])) for i in range(args.benchmark)]
+        t = time.time()
+        _render_chunk((items, "web", 1))
+        one = args.benchmark / (time.time() - t)
+        t = time.time()
+        _render_many(items * 4, "web", 1)
+        many = 4 * args.benchmark / (time.time() - t)
+        print(f"renderer: {one:.0f} images/s on one core, {many:.0f} images/s on {os.cpu_count()} cores")
