@@ -331,11 +331,9 @@ def build_web(name, seed=0):
 # Sentence forms: the attributes a statement names (c colour, p pattern, s shape).
 # Pattern synonyms read best after a comma ("a wedge, with stripes"), as in captions.
 DESCRIBE_FORMS = [
-    "it is {c}", "a {c} object", "its colour is {c}",
-    "a {s}", "shaped like a {s}", "the outline of a {s}",
-    "an object, {p}", "its surface is {p}",
-    "a {c} {s}", "a {c} thing, {p}", "a {s}, {p}",
-    "a {c} {s}, {p}", "a photo of a {c} {s}, {p}",
+    "it is {c}", "shaped like a {s}", "its surface is {p}",
+    "a {c} {s}", "a {c} thing, {p}", "a {s}, {p}", "a {c} object shaped like a {s}",
+    "a {c} {s}, {p}", "a photo of a {c} {s}, {p}", "it is a {s}, {c} and {p}", "a {p} {s} that is {c}",
 ]
 DESCRIBE_GENERIC = [
     "a simple object in a picture", "an object on a cluttered background", "a small figure",
