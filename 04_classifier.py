@@ -30,6 +30,11 @@ Inputs   <run>/01_student.pt, <run>/02_semantics.pt, <run>/03_bridge.pt
 Outputs  <run>/04_classifier.pt (or --out NAME): generator, reconstructor, gate,
          temperature, config, upstream identities.
 
+What we saw on the toy world (README): the gate learns to put almost all weight on
+w_s, since w_s already takes the support evidence in through R, and the classifier
+ends level with (not above) the fixed fusion of stage 3. Giving the gate two
+independent branches is the first thing to try when forking this stage.
+
 Our choices: base-class weights = normalised base feature centres (or the stage-1
 CE head with --base-weights head); shot count drawn per batch from --shots so one
 model serves 1-shot and 5-shot; AdamW; best checkpoint by mean val accuracy over
@@ -168,8 +173,7 @@ def main(argv=None):
         g = torch.Generator().manual_seed(args.seed)
         t = {s: v[torch.randperm(len(v), generator=g).to(device)] for s, v in t.items()}
     n_base = len(train.classes)
-    centres = F.normalize(torch.stack([F.normalize(f_train[train.labels.to(device) == c], dim=-1).mean(0)
-                                       for c in range(n_base)]), dim=-1)
+    centres = common.class_centres(f_train, train.labels, n_base)
     base_w = centres if args.base_weights == "centres" else ck["distill"]["state"]["ce_head"]["weight"].to(device)
 
     model = FewShotClassifier(base_w, args.hidden).to(device)

@@ -704,6 +704,13 @@ def protonet_accuracy(feats, index, k_shot, batch=500):
     return torch.cat(accs)
 
 
+def class_centres(feats, labels, n_classes):
+    """[C, d]: the normalised mean of each class's normalised features (the full-data
+    class weight that the bridge and the reconstructor aim at)."""
+    labels = labels.to(feats.device)
+    return F.normalize(torch.stack([F.normalize(feats[labels == c], dim=-1).mean(0) for c in range(n_classes)]), dim=-1)
+
+
 def ci95(values):
     """Mean and 95% interval half-width (1.96 * std / sqrt(n)) of per-episode values."""
     v = torch.as_tensor(values, dtype=torch.float64)
