@@ -31,9 +31,11 @@ Outputs  <run>/04_classifier.pt (or --out NAME): generator, reconstructor, gate,
          temperature, config, upstream identities.
 
 What we saw on the toy world (README): the gate learns to put almost all weight on
-w_s, since w_s already takes the support evidence in through R, and the classifier
-ends level with (not above) the fixed fusion of stage 3. Giving the gate two
-independent branches is the first thing to try when forking this stage.
+w_s, and the classifier ends level with (not above) the fixed fusion of stage 3. The
+base classes' h(t_c) come from a bridge fit on those very classes, so in meta-training
+they beat any support mean, and the gate learns that (keeping the bridge's dropout on,
+adding noise, or cutting w_v out of R did not change it). A bridge cross-fitted on
+half of the base classes is the first thing to try when forking this stage.
 
 Our choices: base-class weights = normalised base feature centres (or the stage-1
 CE head with --base-weights head); shot count drawn per batch from --shots so one
