@@ -139,7 +139,7 @@ def main(argv=None):
     start_epoch, history, best = 0, [], (-1.0, None)
 
     if args.resume and os.path.exists(last):
-        ck = common.load_checkpoint(last, "distill-last", f"rerun without --resume")
+        ck = common.load_checkpoint(last, "distill-last", "rerun without --resume")
         common.check_same_world(ck, last, args.dataset, classes, teacher_id)
         common.check_same_config(ck, last, config, ignore=("resume", "workers", "device", "run", "data_root"))
         student.load_state_dict(ck["state"]["student"])

@@ -554,11 +554,12 @@ def main(argv=None):
                                         else stem + "_descriptions") + ".json")
     key = os.environ.get(args.llm_key_env) or None  # read here, sent in a header, never stored
 
-    # ---- class names of every split (the splits are loaded once: base images serve the image vote)
-    splits = {s: common.load_split(args.dataset, s, args.data_root) for s in common.SPLITS}
-    classes = {s: splits[s].classes for s in common.SPLITS}
+    # ---- class names of every split (read from the class lists: no image is loaded for them)
+    classes = common.class_names(args.dataset, args.data_root)
+    test = None
     if args.compare:  # the zero-shot episodes, refused before anything is asked or encoded
-        common.check_episodes(splits["test"], args.ways, 0, args.queries, "--ways or --queries", min_shot=0)
+        test = common.load_split(args.dataset, "test", args.data_root)
+        common.check_episodes(test, args.ways, 0, args.queries, "--ways or --queries", min_shot=0)
     print(f"{args.dataset}: {', '.join(f'{len(classes[s])} {s}' for s in common.SPLITS)} classes; device {device}")
 
     # ---- 1. candidates from every source
@@ -578,7 +579,7 @@ def main(argv=None):
     templates_only = kinds == ["templates"]
     images = None
     if args.image_weight > 0 and classes["train"] and not templates_only:
-        train = splits["train"]
+        train = common.load_split(args.dataset, "train", args.data_root)  # base images serve the image vote
         feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, train, device)
         images = torch.full((len(order), feats.shape[1]), float("nan"))
         for i in range(len(classes["train"])):  # base classes come first in `order`
@@ -611,7 +612,6 @@ def main(argv=None):
     # ---- 4. optionally, measure: teacher zero-shot on the novel classes
     report = None
     if args.compare:
-        test = splits["test"]
         feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, test, device)
         test_keys = [k for k in order if k[0] == "test"]
         test_embs = [embs[order.index(k)] for k in test_keys]

@@ -89,6 +89,13 @@ class Bridge(nn.Module):
         self.scale_v = nn.Parameter(torch.tensor(10.0))  # temperatures of the two cosine classifiers
         self.scale_s = nn.Parameter(torch.tensor(10.0))
 
+    @classmethod
+    def from_checkpoint(cls, ckpt, device):
+        """The bridge saved by this script (03_bridge.py), in eval mode on `device`."""
+        bridge = cls(ckpt["dims"]["sem"], ckpt["dims"]["vis"], ckpt["config"]["hidden"], ckpt["config"]["dropout"])
+        bridge.load_state_dict(ckpt["state"])
+        return bridge.to(device).eval()
+
     def to_visual(self, t):
         return F.normalize(self.h(F.normalize(t, dim=-1)), dim=-1)
 
@@ -132,8 +139,7 @@ def main(argv=None):
     sem = common.load_checkpoint(sem_path, "mine", f"run 02_mine.py --run {args.run} first")
     common.check_same_world(sem, sem_path, args.dataset, classes)
     common.check_same_teacher({student_path: st, sem_path: sem})
-    student = common.ResNet12(tuple(st["config"]["widths"])).to(device)
-    student.load_state_dict(st["state"]["student"])
+    student = common.load_student(st, device)
 
     train = common.load_split(args.dataset, "train", args.data_root)
     val = common.load_split(args.dataset, "val", args.data_root)

@@ -147,12 +147,7 @@ def load_upstream(args, classes, device):
         if up.get(paths[stage]) != ck[stage]["id"]:
             raise common.UserError(f"{args.bridge} was built on another {paths[stage]} than the one in {args.run}: "
                                    f"rerun 03_bridge.py --run {args.run}")
-    student = common.ResNet12(tuple(ck["distill"]["config"]["widths"])).to(device)
-    student.load_state_dict(ck["distill"]["state"]["student"])
-    bcfg = ck["bridge"]["config"]
-    bridge = Bridge(ck["bridge"]["dims"]["sem"], ck["bridge"]["dims"]["vis"], bcfg["hidden"], bcfg["dropout"]).to(device)
-    bridge.load_state_dict(ck["bridge"]["state"])
-    return ck, student, bridge
+    return ck, common.load_student(ck["distill"], device), Bridge.from_checkpoint(ck["bridge"], device)
 
 
 def main(argv=None):

@@ -111,9 +111,7 @@ def main(argv=None):
         common.check_episodes(val, args.n_way, args.shots, args.n_query, "--n-way, --shots or --n-query")
 
     def student_feats(c, split):
-        net = common.ResNet12(tuple(c["config"]["widths"])).to(device)
-        net.load_state_dict(c["state"]["student"])
-        return common.student_features(run, net, c["id"], split, device).to(device)
+        return common.student_features(run, common.load_student(c, device), c["id"], split, device).to(device)
     feats = {"distilled": student_feats(st, test), "val": student_feats(st, val)}
     if ck["student-ce"] is not None:
         feats["ce"] = student_feats(ck["student-ce"], test)
@@ -126,15 +124,10 @@ def main(argv=None):
         del teacher
     seconds_features = time.time() - t0
 
-    def bridge_of(c):
-        b = Bridge(c["dims"]["sem"], c["dims"]["vis"], c["config"]["hidden"], c["config"]["dropout"]).to(device)
-        b.load_state_dict(c["state"])
-        return b.eval()
-
     def classifier_of(c, bridge_ck):
         m = FewShotClassifier(torch.zeros(c["n_base"], c["dim"]), c["config"]["hidden"]).to(device)
         m.load_state_dict(c["state"]["model"])
-        b = bridge_of(bridge_ck)
+        b = Bridge.from_checkpoint(bridge_ck, device)
         b.load_state_dict(c["state"]["bridge"])  # the bridge as stage 4 left it (fine-tuned or not)
         return m.eval(), b
 
@@ -158,7 +151,7 @@ def main(argv=None):
         else:
             skipped.append(("clip-zero-shot", f"run 02_mine.py --run {run}"))
         if ck["bridge"] is not None and ck["semantics"] is not None:
-            bridge = bridge_of(ck["bridge"])
+            bridge = Bridge.from_checkpoint(ck["bridge"], device)
             w_sem = bridge.to_visual(ck["semantics"]["state"]["test"].float().to(device))      # [C, d]
             rows["semantic-only"] = ("distilled", lambda k, cls, s, q: torch.einsum(
                 "enqd,ecd->enqc", F.normalize(q, dim=-1), w_sem[cls]))

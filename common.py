@@ -279,6 +279,13 @@ class ResNet12(nn.Module):
         return self.blocks(x).mean(dim=(2, 3))
 
 
+def load_student(ckpt, device):
+    """The ResNet-12 of a stage-1 checkpoint (01_distill.py), in eval mode on `device`."""
+    student = ResNet12(tuple(ckpt["config"]["widths"])).to(device)
+    student.load_state_dict(ckpt["state"]["student"])
+    return student.eval()
+
+
 IMAGE_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # the student's own normalisation
 IMAGE_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
