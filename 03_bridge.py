@@ -30,7 +30,14 @@ What it does
   prototype and h(t) (the SemFew-style fusion); the best epoch (by the mix) is kept.
 
 Inputs   <run>/01_student.pt, <run>/02_semantics.pt (or --semantics NAME)
-Outputs  <run>/03_bridge.pt (or --out NAME): h, g, config, upstream identities.
+  Cross-fitting (--folds, for stage 4): the base classes are split into folds, and a
+  bridge of the same recipe is fit on all folds but one to give the held-out classes'
+  h(t_c). These "out-of-fold" weights are as imperfect as a novel class's, which is
+  what stage 4 must learn to weigh (the main bridge's own h(t_c) on base classes is
+  nearly perfect: it was fit on them).
+
+Outputs  <run>/03_bridge.pt (or --out NAME): h, g, the out-of-fold base-class weights
+         (oof [C_base, d]), config, upstream identities.
 
 On the toy world switching either cycle term off changed the novel-class accuracy
 by less than its 95% interval (README / issue notes): they are kept as the paper's
@@ -71,6 +78,9 @@ def get_args(argv=None):
     p.add_argument("--w-cyc-v", type=float, default=1.0, help="weight of the visual cycle h(g(mu)) ~ mu")
     p.add_argument("--mix", type=float, default=1.0, help="weight of h(t) in the fixed mix used for validation")
     p.add_argument("--val-episodes", type=int, default=300, help="fixed 5-way val episodes")
+    p.add_argument("--folds", type=int, default=4,
+                   help="cross-fitting: base-class weights h(t_c) from bridges fit on the other folds, for stage 4 "
+                        "(1: none, stage 4 then uses the main bridge's)")
     return p.parse_args(argv)
 
 
@@ -125,6 +135,45 @@ def evaluate(bridge, feats, t, episodes_cls, episodes_idx, mix):
     return zero.mean().item() * 100, mixed.mean().item() * 100
 
 
+def fit(args, f_train, y_train, t_train, centres, val, device, desc):
+    """Train one bridge on base features f_train (labels y_train index t_train and
+    centres); keep the epoch with the best val 1-shot fixed mix.
+    Returns (bridge with the best weights, history, (best mix %, its zero-shot %))."""
+    from tqdm import tqdm
+    bridge = Bridge(t_train.shape[1], f_train.shape[1], args.hidden, args.dropout).to(device)
+    opt = torch.optim.AdamW(bridge.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    weights = {"cls": args.w_cls, "centre": args.w_centre, "sem": args.w_sem, "cyc_s": args.w_cyc_s, "cyc_v": args.w_cyc_v}
+    best, history = ((-1.0, -1.0), None), []
+    bar = tqdm(range(args.epochs), desc=desc)
+    for epoch in bar:
+        bridge.train()
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        for idx in torch.randperm(len(f_train), generator=g).split(args.batch_size):
+            x, y = F.normalize(f_train[idx], dim=-1), y_train[idx]
+            w = bridge.to_visual(t_train)                          # [C, d]: h(t_c) for every base class
+            s = bridge.to_semantic(x)                              # [B, m]: g(f(x))
+            terms = {
+                "cls": F.cross_entropy(bridge.scale_v * x @ w.t(), y),
+                "centre": cos_loss(w, centres),
+                "sem": F.cross_entropy(bridge.scale_s * s @ F.normalize(t_train, dim=-1).t(), y),
+                "cyc_s": cos_loss(bridge.to_semantic(w), t_train),
+                "cyc_v": cos_loss(bridge.to_visual(bridge.to_semantic(centres)), centres),
+            }
+            loss = sum(weights[k] * v for k, v in terms.items())
+            if not torch.isfinite(loss):
+                raise common.UserError(f"bridge loss became {loss.item()} at epoch {epoch + 1} ({desc}); lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        zero, mixed = evaluate(bridge, *val, args.mix)
+        history.append({"epoch": epoch + 1, "loss": loss.item(), "val_zero_shot": zero, "val_1shot_mix": mixed})
+        if (mixed, zero) > best[0]:  # ties on the mix are broken by zero-shot accuracy
+            best = ((mixed, zero), copy.deepcopy(bridge.state_dict()))
+        bar.set_postfix(loss=f"{loss.item():.3f}", zero=f"{zero:.1f}", mix=f"{mixed:.1f}")
+    bridge.load_state_dict(best[1])
+    return bridge.eval(), history, best[0]
+
+
 def main(argv=None):
     args = get_args(argv)
     device = common.get_device(args.device)
@@ -146,6 +195,9 @@ def main(argv=None):
     common.check_episodes(val, 5, 1, 15)  # the fixed validation episodes; and a run that writes something:
     if args.epochs < 1:
         raise common.UserError("--epochs must be at least 1")
+    if args.folds < 1 or (args.folds > 1 and len(train.classes) < 2 * args.folds):
+        raise common.UserError(f"--folds must be 1 or more, with at least 2 base classes per fold "
+                               f"({len(train.classes)} base classes)")
     f_train = common.student_features(args.run, student, st["id"], train, device)
     f_val = common.student_features(args.run, student, st["id"], val, device)
     y_train = train.labels
@@ -156,49 +208,41 @@ def main(argv=None):
     val_cls, val_idx = common.sample_episodes(val.labels, 5, 1, 15, args.val_episodes, seed=args.seed)
     print(f"{args.dataset}: {len(f_train)} base features (d={f_train.shape[1]}), semantics m={t_train.shape[1]}")
 
-    bridge = Bridge(t_train.shape[1], f_train.shape[1], args.hidden, args.dropout).to(device)
-    opt = torch.optim.AdamW(bridge.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     f_train, y_train, t_train, centres = f_train.to(device), y_train.to(device), t_train.to(device), centres.to(device)
     f_val, t_val = f_val.to(device), t_val.to(device)
-    weights = {"cls": args.w_cls, "centre": args.w_centre, "sem": args.w_sem, "cyc_s": args.w_cyc_s, "cyc_v": args.w_cyc_v}
+    val = (f_val, t_val, val_cls, val_idx)
+    t0 = time.time()
+    bridge, history, best = fit(args, f_train, y_train, t_train, centres, val, device, "bridge")
 
-    from tqdm import tqdm
-    t0, best, history = time.time(), ((-1.0, -1.0), None), []
-    bar = tqdm(range(args.epochs), desc="bridge")
-    for epoch in bar:
-        bridge.train()
-        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        for idx in torch.randperm(len(f_train), generator=g).split(args.batch_size):
-            x, y = F.normalize(f_train[idx], dim=-1), y_train[idx]
-            w = bridge.to_visual(t_train)                          # [C, d]: h(t_c) for every base class
-            s = bridge.to_semantic(x)                              # [B, m]: g(f(x))
-            terms = {
-                "cls": F.cross_entropy(bridge.scale_v * x @ w.t(), y),
-                "centre": cos_loss(w, centres),
-                "sem": F.cross_entropy(bridge.scale_s * s @ F.normalize(t_train, dim=-1).t(), y),
-                "cyc_s": cos_loss(bridge.to_semantic(w), t_train),
-                "cyc_v": cos_loss(bridge.to_visual(bridge.to_semantic(centres)), centres),
-            }
-            loss = sum(weights[k] * v for k, v in terms.items())
-            if not torch.isfinite(loss):
-                raise common.UserError(f"bridge loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        zero, mixed = evaluate(bridge, f_val, t_val, val_cls, val_idx, args.mix)
-        history.append({"epoch": epoch + 1, "loss": loss.item(), "val_zero_shot": zero, "val_1shot_mix": mixed})
-        if (mixed, zero) > best[0]:  # ties on the mix are broken by zero-shot accuracy
-            best = ((mixed, zero), copy.deepcopy(bridge.state_dict()))
-        bar.set_postfix(loss=f"{loss.item():.3f}", zero=f"{zero:.1f}", mix=f"{mixed:.1f}")
+    # ---- cross-fitting: out-of-fold semantic weights for the base classes (used by stage 4)
+    # h(t_c) of a base class comes from a bridge that was fit on that very class, so it
+    # is far better than h(t_c) of any novel class will be. Stage 4 learns *how much to
+    # trust* the semantic weight from base-class episodes, so it needs base weights as
+    # imperfect as novel ones: each fold's classes get h(t_c) from a bridge fit on the
+    # other folds only (same recipe).
+    oof = torch.zeros(n_base, f_train.shape[1], device=device)
+    folds = torch.randperm(n_base, generator=torch.Generator().manual_seed(args.seed)).chunk(args.folds)
+    for i, held in enumerate(folds if args.folds > 1 else []):
+        keep = torch.ones(n_base, dtype=torch.bool)
+        keep[held] = False
+        relabel = torch.full((n_base,), -1, dtype=torch.long)
+        relabel[keep] = torch.arange(int(keep.sum()))
+        rows = keep.to(device)[y_train]
+        fold_bridge, _, _ = fit(args, f_train[rows], relabel.to(device)[y_train[rows]], t_train[keep], centres[keep],
+                                val, device, f"fold {i + 1}/{args.folds}")
+        with torch.no_grad():
+            oof[held] = fold_bridge.to_visual(t_train[held.to(device)])
+    oof = oof.cpu()
 
     out = os.path.join(args.run, args.out)
     config = vars(args)
-    common.save_checkpoint(out, "bridge", config, args.dataset, classes, state=best[1],
+    common.save_checkpoint(out, "bridge", config, args.dataset, classes, state=bridge.state_dict(),
                            upstream={args.student: st["id"], args.semantics: sem["id"]},
                            dims={"sem": t_train.shape[1], "vis": f_train.shape[1]},
-                           history=history, best_acc=best[0][0], seconds=time.time() - t0)
+                           oof=oof if args.folds > 1 else None, history=history, best_acc=best[0],
+                           seconds=time.time() - t0)
     last = history[-1]
-    print(f"wrote {out}: best val 1-shot fixed mix {best[0][0]:.2f}% (last epoch: zero-shot {last['val_zero_shot']:.2f}%, "
+    print(f"wrote {out}: best val 1-shot fixed mix {best[0]:.2f}% (last epoch: zero-shot {last['val_zero_shot']:.2f}%, "
           f"mix {last['val_1shot_mix']:.2f}%), {time.time() - t0:.0f}s")
 
 

@@ -124,9 +124,13 @@ def main(argv=None):
         del teacher
     seconds_features = time.time() - t0
 
-    def classifier_of(c, bridge_ck):
+    def classifier_of(c, bridge_ck, name):
         m = FewShotClassifier(torch.zeros(c["n_base"], c["dim"]), c["config"]["hidden"]).to(device)
-        m.load_state_dict(c["state"]["model"])
+        try:
+            m.load_state_dict(c["state"]["model"])
+        except RuntimeError:  # written by an older 04_classifier.py with other layer shapes
+            raise common.UserError(f"{os.path.join(run, name)} does not fit this code's classifier "
+                                   f"(an older version wrote it): rerun 04_classifier.py --run {run}")
         b = Bridge.from_checkpoint(bridge_ck, device)
         b.load_state_dict(c["state"]["bridge"])  # the bridge as stage 4 left it (fine-tuned or not)
         return m.eval(), b
@@ -175,7 +179,8 @@ def main(argv=None):
                 how = f"run 04_classifier.py --run {run}" if method == "syntrans" else "bash run.sh (it makes the template-only variant)"
                 skipped.append((method, how))
                 continue
-            model, b = classifier_of(ck[cname], ck[bname])
+            model, b = classifier_of(ck[cname], ck[bname],
+                                     common.CLASSIFIER if method == "syntrans" else TEMPLATES["classifier"])
             w_s_all = b.to_visual(ck[sname]["state"]["test"].float().to(device))
             rows[method] = ("distilled", lambda k, cls, s, q, model=model, w=w_s_all: model.logits(q, model(s, w[cls])[0]))
 

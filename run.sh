@@ -29,7 +29,7 @@ case "$preset" in
     DATA="--dataset $preset --data-root $DATA_ROOT --clip ${CLIP:-ViT-B-32} --clip-pretrained ${PRETRAINED:-openai}"
     S1="--widths 64,160,320,640 --epochs ${EPOCHS:-90} --batch-size 128 --lr 0.05 --drop-rate 0.1 --workers 8"
     # language models: LLM="--llm http://localhost:8000/v1@my-model" (several --llm may be given)
-    S2="${LLM:-}" S3="--hidden 1024" S4="--hidden 512 --steps 4000" S5="" ;;
+    S2="${LLM:-}" S3="--hidden 1024" S4="--steps 4000" S5="" ;;
   *)
     echo "unknown preset '$preset': use toy, toy-tiny, cifar-fs, fc100, mini-imagenet or tiered-imagenet" >&2
     exit 2 ;;

@@ -20,12 +20,15 @@ and a measurable effect, on a 2-core CPU in minutes:
   an ordinary checkpoint file and loaded through open_clip's local-file path, the
   same code that loads real CLIP weights.
 * Class names use each attribute's *label word* ("red", "striped", "triangle"),
-  which web captions use only rarely; captions mostly use synonyms ("crimson",
-  "with stripes", "three-sided shape") and vague words shared by similar values
-  ("rosy", "textured", "pointy shape"). That mirrors the real world,
-  where a benchmark's label ("house finch") is rarer on the web than the visual
-  words that describe it, and it is why descriptions (stage 2) help over prompt
-  templates of the bare class name.
+  which web captions never use: captions say "crimson", "with stripes",
+  "three-sided shape" and vague words shared by similar values ("rosy",
+  "textured", "pointy shape"). So the teacher has never read a class name, like a
+  benchmark whose labels are jargon or codes the web does not use, and prompt
+  templates of the bare name tell it almost nothing; descriptions in the words it
+  knows are what carry a class into the semantic space (stage 2). (An earlier world
+  used the label words in 0.5% of captions; the teacher learned them well enough
+  that templates came within a point of mined descriptions and left SynMine
+  nothing measurable to do.)
 * A describer stands in for a language model: it writes short descriptions from a
   class's true attributes, in paraphrase, with a set fraction of wrong statements
   (hallucinations) for SynMine to remove.
@@ -282,9 +285,9 @@ def build_split(name, split, seed=0):
     return images, labels, [class_name(a) for a in classes]
 
 
-def caption(attrs, rng, label_rate=0.005):
-    """Alt-text style caption: mentions a random subset of the attributes, mostly in
-    synonyms; the class-name label word is used with probability `label_rate`."""
+def caption(attrs, rng):
+    """Alt-text style caption: mentions a random subset of the attributes in synonyms
+    and vague words, never in the label words that class names are made of."""
     c, p, s = attrs
     say = rng.uniform(size=3) < 0.75
     if not say.any():
@@ -292,7 +295,7 @@ def caption(attrs, rng, label_rate=0.005):
 
     def word(table, key):
         words = table[key] if table is not COLOURS else COLOURS[key][1]
-        return words[0] if rng.uniform() < label_rate else words[rng.integers(1, len(words))]
+        return words[rng.integers(1, len(words))]  # words[0] is the label word
     prefix = ["a photo of a", "a picture of a", "an image of a", "a", "there is a", "look at this"][rng.integers(6)]
     text = prefix
     if say[0]:

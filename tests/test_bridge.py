@@ -135,6 +135,18 @@ def test_the_scripts_training_generalises_to_unseen_classes(tmp_path, monkeypatc
     assert zero > 85 and zero_untrained < 50, (zero, zero_untrained)
     # the val classes (unseen too) as the script saw them: h's weights lift the 1-shot mix
     assert ck["best_acc"] > 80 and ck["best_acc"] > ck["history"][0]["val_1shot_mix"] + 10
+    # cross-fitting: every base class has an out-of-fold weight from a bridge that never saw
+    # it; as for unseen classes it is close to the prototype, but less so than the main
+    # bridge's weight for the classes it was fit on
+    base = world["train"]
+    assert ck["oof"].shape == (64, D) and torch.allclose(ck["oof"].norm(dim=-1), torch.ones(64), atol=1e-5)
+    oof_cos = F.cosine_similarity(ck["oof"], base.protos, dim=-1).mean().item()
+    assert oof_cos > 0.8 and unseen_cosine(bridge, base) > oof_cos, (oof_cos, unseen_cosine(bridge, base))
+
+
+def test_folds_that_leave_too_few_classes_are_refused(tiny_stage1_run):
+    with pytest.raises(common.UserError, match="--folds"):
+        bridge_mod.main(["--run", tiny_stage1_run, *TINY, *TINY_BRIDGE, "--folds", "40"])
 
 
 # ----------------------------------------------------------------------------------

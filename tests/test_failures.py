@@ -292,6 +292,18 @@ def test_stage5_refuses_a_bridge_built_on_an_earlier_student(full_run, tmp_path,
     assert not os.path.exists(os.path.join(run, common.RESULTS))
 
 
+def test_stage5_refuses_a_classifier_an_older_version_wrote(full_run, tmp_path, capsys):
+    run = copy_run(full_run, tmp_path / "run", common.STUDENT, common.SEMANTICS, common.BRIDGE)
+    stage("04_classifier").main(["--run", run] + WORLD + ["--steps", "2", "--val-every", "1", "--val-episodes", "10"])
+    path = os.path.join(run, common.CLASSIFIER)
+    ck = torch.load(path, weights_only=True)
+    ck["state"]["model"]["gate.0.weight"] = torch.zeros(256, 385)  # the first version's gate saw the weights
+    torch.save(ck, path)
+    code, _, err = run_stage(capsys, "05_eval", "--run", run, *WORLD)
+    one_line_error(code, err, path, "does not fit this code's classifier", "rerun 04_classifier.py")
+    assert not os.path.exists(os.path.join(run, common.RESULTS))
+
+
 # ----------------------------------------------------------------------------------
 # Training: a NaN or infinite loss stops the stage; nothing garbage is written
 
