@@ -135,9 +135,10 @@ def evaluate(bridge, feats, t, episodes_cls, episodes_idx, mix):
     return zero.mean().item() * 100, mixed.mean().item() * 100
 
 
-def fit(args, f_train, y_train, t_train, centres, val, device, desc):
+def fit(args, f_train, y_train, t_train, centres, val_eps, device, desc):
     """Train one bridge on base features f_train (labels y_train index t_train and
-    centres); keep the epoch with the best val 1-shot fixed mix.
+    centres); keep the epoch with the best 1-shot fixed mix on val_eps = (features,
+    semantics, episode classes, episode indices) of the val split.
     Returns (bridge with the best weights, history, (best mix %, its zero-shot %))."""
     from tqdm import tqdm
     bridge = Bridge(t_train.shape[1], f_train.shape[1], args.hidden, args.dropout).to(device)
@@ -165,7 +166,7 @@ def fit(args, f_train, y_train, t_train, centres, val, device, desc):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        zero, mixed = evaluate(bridge, *val, args.mix)
+        zero, mixed = evaluate(bridge, *val_eps, args.mix)
         history.append({"epoch": epoch + 1, "loss": loss.item(), "val_zero_shot": zero, "val_1shot_mix": mixed})
         if (mixed, zero) > best[0]:  # ties on the mix are broken by zero-shot accuracy
             best = ((mixed, zero), copy.deepcopy(bridge.state_dict()))
@@ -210,9 +211,9 @@ def main(argv=None):
 
     f_train, y_train, t_train, centres = f_train.to(device), y_train.to(device), t_train.to(device), centres.to(device)
     f_val, t_val = f_val.to(device), t_val.to(device)
-    val = (f_val, t_val, val_cls, val_idx)
+    val_eps = (f_val, t_val, val_cls, val_idx)
     t0 = time.time()
-    bridge, history, best = fit(args, f_train, y_train, t_train, centres, val, device, "bridge")
+    bridge, history, best = fit(args, f_train, y_train, t_train, centres, val_eps, device, "bridge")
 
     # ---- cross-fitting: out-of-fold semantic weights for the base classes (used by stage 4)
     # h(t_c) of a base class comes from a bridge that was fit on that very class, so it
@@ -220,26 +221,28 @@ def main(argv=None):
     # trust* the semantic weight from base-class episodes, so it needs base weights as
     # imperfect as novel ones: each fold's classes get h(t_c) from a bridge fit on the
     # other folds only (same recipe).
-    oof = torch.zeros(n_base, f_train.shape[1], device=device)
-    folds = torch.randperm(n_base, generator=torch.Generator().manual_seed(args.seed)).chunk(args.folds)
-    for i, held in enumerate(folds if args.folds > 1 else []):
-        keep = torch.ones(n_base, dtype=torch.bool)
-        keep[held] = False
-        relabel = torch.full((n_base,), -1, dtype=torch.long)
-        relabel[keep] = torch.arange(int(keep.sum()))
-        rows = keep.to(device)[y_train]
-        fold_bridge, _, _ = fit(args, f_train[rows], relabel.to(device)[y_train[rows]], t_train[keep], centres[keep],
-                                val, device, f"fold {i + 1}/{args.folds}")
-        with torch.no_grad():
-            oof[held] = fold_bridge.to_visual(t_train[held.to(device)])
-    oof = oof.cpu()
+    oof = None
+    if args.folds > 1:
+        oof = torch.zeros(n_base, f_train.shape[1], device=device)
+        folds = torch.randperm(n_base, generator=torch.Generator().manual_seed(args.seed)).chunk(args.folds)
+        for i, held in enumerate(folds):
+            keep = torch.ones(n_base, dtype=torch.bool)
+            keep[held] = False
+            relabel = torch.full((n_base,), -1, dtype=torch.long)  # base labels -> this fold's class indices
+            relabel[keep] = torch.arange(int(keep.sum()))
+            rows = keep.to(device)[y_train]
+            fold_bridge, _, _ = fit(args, f_train[rows], relabel.to(device)[y_train[rows]], t_train[keep],
+                                    centres[keep], val_eps, device, f"fold {i + 1}/{args.folds}")
+            with torch.no_grad():
+                oof[held] = fold_bridge.to_visual(t_train[held.to(device)])
+        oof = oof.cpu()
 
     out = os.path.join(args.run, args.out)
     config = vars(args)
     common.save_checkpoint(out, "bridge", config, args.dataset, classes, state=bridge.state_dict(),
                            upstream={args.student: st["id"], args.semantics: sem["id"]},
                            dims={"sem": t_train.shape[1], "vis": f_train.shape[1]},
-                           oof=oof if args.folds > 1 else None, history=history, best_acc=best[0],
+                           oof=oof, history=history, best_acc=best[0],
                            seconds=time.time() - t0)
     last = history[-1]
     print(f"wrote {out}: best val 1-shot fixed mix {best[0]:.2f}% (last epoch: zero-shot {last['val_zero_shot']:.2f}%, "
