@@ -18,7 +18,9 @@ What it does
                   that fails (down, timeout, HTTP error, garbage, refusal) is
                   reported per class and the run goes on with the other sources.
                   --llm toy[@SEED] asks the toy world's describer instead, a
-                  stand-in LLM that hallucinates a set fraction of its statements.
+                  stand-in LLM that hallucinates a set fraction of its statements
+                  and misreads a fraction of the class names (one attribute
+                  consistently wrong: mining cannot catch that, stage 4 can).
        files      descriptions files (--descriptions FILE: JSON class -> [strings],
                   or the 02_descriptions.json of an earlier run);
        templates  CLIP prompt templates of the bare class name, always available.
@@ -115,6 +117,8 @@ def get_args(argv=None):
                    help="after this many consecutive failed classes a model's remaining classes are skipped (0: never)")
     p.add_argument("--llm-workers", type=int, default=4, help="requests in flight at once")
     p.add_argument("--toy-wrong-rate", type=float, default=0.3, help="toy describer: fraction of wrong statements")
+    p.add_argument("--toy-misread-rate", type=float, default=0.2,
+                   help="toy describer: fraction of classes whose name it misreads (one attribute consistently wrong)")
     p.add_argument("--toy-n", type=int, default=12, help="toy describer: statements per class")
     p.add_argument("--descriptions", action="append", default=[], metavar="FILE",
                    help="JSON file: class name -> list of descriptions (or an earlier 02_descriptions.json); repeatable")
@@ -396,12 +400,13 @@ def gather(args, classes, key):
                 if src in per_source:
                     continue
                 try:
-                    per_source[src] = {n: toyworld.describe(n, seed, n=args.toy_n, wrong_rate=args.toy_wrong_rate)
+                    per_source[src] = {n: toyworld.describe(n, seed, n=args.toy_n, wrong_rate=args.toy_wrong_rate,
+                                                        misread_rate=args.toy_misread_rate)
                                        for n in names}
                 except ValueError as e:
                     raise common.UserError(f"--llm {spec}: the toy describer only knows toy-world classes ({e})")
                 sources.append({"name": src, "kind": "toy-describer", "seed": seed, "wrong_rate": args.toy_wrong_rate,
-                                "n": args.toy_n})
+                                "misread_rate": args.toy_misread_rate, "n": args.toy_n})
             else:
                 base, url, model = parse_llm_spec(spec)
                 src = f"llm:{model}@{redact(base)}"

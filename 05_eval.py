@@ -206,9 +206,15 @@ def main(argv=None):
         if method != "protonet-distilled":
             d, ci = common.ci95((accs - per_episode[("protonet-distilled", k)]) * 100)
             paired.append({"method": method, "vs": "protonet-distilled", "shots": k, "delta": round(d, 2), "ci95": round(ci, 2)})
+    # what stage 4 adds over the fixed fusion of the same prototype and h(t_c), episode by episode
+    stage4 = []
+    for k in shots:
+        if ("syntrans", k) in per_episode and ("fixed-fusion", k) in per_episode:
+            d, ci = common.ci95((per_episode[("syntrans", k)] - per_episode[("fixed-fusion", k)]) * 100)
+            stage4.append({"method": "syntrans", "vs": "fixed-fusion", "shots": k, "delta": round(d, 2), "ci95": round(ci, 2)})
 
     out = {"dataset": args.dataset, "episodes": args.episodes, "n_way": args.n_way, "n_query": args.n_query,
-           "seed": args.seed, "rows": results, "paired": paired,
+           "seed": args.seed, "rows": results, "paired": paired, "paired_fusion": stage4,
            "skipped": [{"method": m, "how": h} for m, h in skipped],
            "seconds": {"features": round(seconds_features, 2), "episodes": round(seconds_episodes, 2)}}
     if ck["bridge"] is not None and ck["semantics"] is not None:
@@ -237,6 +243,9 @@ def markdown(out, shots):
                          " | ".join(delta.get((m, k), "") for k in shots) + " |")
     for s in out["skipped"]:
         lines.append(f"| {s['method']} | skipped: {s['how']} |" + " |" * (2 * len(shots) - 1))
+    if out["paired_fusion"]:
+        lines += ["", "syntrans vs fixed-fusion, paired (what stage 4 adds): " +
+                  ", ".join(f"{p['shots']}-shot {p['delta']:+.2f} ± {p['ci95']:.2f}" for p in out["paired_fusion"])]
     return "\n".join(lines) + "\n"
 
 

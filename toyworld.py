@@ -31,7 +31,13 @@ and a measurable effect, on a 2-core CPU in minutes:
   nothing measurable to do.)
 * A describer stands in for a language model: it writes short descriptions from a
   class's true attributes, in paraphrase, with a set fraction of wrong statements
-  (hallucinations) for SynMine to remove.
+  (hallucinations) for SynMine to remove. It also misreads some class names (a fifth
+  by default, 02_mine.py --toy-misread-rate): it believes one attribute is another
+  value and says so in every statement that names it, as a language model does with
+  a rare name it mixes up. Agreement between statements cannot expose that; the
+  support images can, which is the job of stage 4's per-class gate. (Without
+  misreading, every class's semantics were about equally good, and a fixed mix of
+  prototype and semantics was all a classifier could do: stage 4 was level with it.)
 
 The stage scripts never import this module directly: they see the dataset name
 "toy" and the teacher name "toy-clip" through common.py.
@@ -344,12 +350,16 @@ DESCRIBE_GENERIC = [
 ]
 
 
-def describe(name, seed=0, n=12, wrong_rate=0.3, n_generic=2, label_rate=0.15):
+def describe(name, seed=0, n=12, wrong_rate=0.3, n_generic=2, label_rate=0.15, misread_rate=0.0):
     """About `n` short descriptions of the toy class `name` ("red striped triangle").
 
     Returns a list of (text, is_correct): is_correct is False for a statement that
     names a wrong attribute value; round(wrong_rate * (n - n_generic)) of the specific
     statements are. `n_generic` of the n say nothing specific (they are not wrong).
+    With probability `misread_rate` the class is one the describer misreads: it
+    believes one attribute has another value, and every statement that names that
+    attribute says so (a consistent error, which agreement between statements cannot
+    expose, as when an LLM mixes up a rare class name with a similar one).
     Deterministic given (name, seed): the same class and seed always get the same
     answer, like a cached LLM reply."""
     words = name.split()
@@ -367,18 +377,24 @@ def describe(name, seed=0, n=12, wrong_rate=0.3, n_generic=2, label_rate=0.15):
     # so that every class gets its share of noise rather than some classes none.
     k = n - n_generic
     wrong = rng.permutation(k) < round(wrong_rate * k)
+    belief = dict(truth)  # what the describer thinks the class looks like
+    misread = np.random.default_rng([seed, 1, *name.encode()])  # its own stream: the statements draw as without it
+    if misread.uniform() < misread_rate:
+        slot = "cps"[misread.integers(3)]
+        others = [v for v in tables[slot] if v != truth[slot]]
+        belief[slot] = others[misread.integers(len(others))]
     out, seen = [], set()
     for _ in range(20 * n):  # bounded: a few duplicates are redrawn
         if len(out) >= k:
             break
         form = DESCRIBE_FORMS[rng.integers(len(DESCRIBE_FORMS))]
         slots = [s for s in "cps" if "{" + s + "}" in form]
-        values = dict(truth)
-        correct = not wrong[len(out)]
-        if not correct:  # a hallucination: one named attribute gets a wrong value
+        values = dict(belief)
+        if wrong[len(out)]:  # a hallucination: one named attribute gets a wrong value
             slot = slots[rng.integers(len(slots))]
-            others = [v for v in tables[slot] if v != truth[slot]]
+            others = [v for v in tables[slot] if v != belief[slot]]
             values[slot] = others[rng.integers(len(others))]
+        correct = all(values[s] == truth[s] for s in slots)
         text = form.format(**{s: say(s, values[s]) for s in slots})
         if text not in seen:
             seen.add(text)

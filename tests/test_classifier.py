@@ -47,11 +47,12 @@ def test_tiny_run_trains_and_writes_a_loadable_checkpoint(tiny_classifier_run):
     assert ck["best_acc"] == max((h["val_1shot"] + h["val_5shot"]) / 2 for h in ck["history"])
 
     # the weights rebuild the classifier and the bridge it used (strict loading), and they
-    # are trained: not the freshly initialised model
+    # are trained: not the freshly initialised model; the reconstructor, untrained by
+    # default, is still the identity (its last layer zero)
     model = FewShotClassifier(torch.zeros(ck["n_base"], d), ck["config"]["hidden"])
     model.load_state_dict(ck["state"]["model"])
-    fresh = FewShotClassifier(model.base_w.clone(), ck["config"]["hidden"])
-    assert not torch.equal(model.rec[-1].weight, fresh.rec[-1].weight)  # zero at initialisation
+    assert not torch.equal(model.phi_avg, torch.ones(d)) and not torch.equal(model.scale, torch.tensor(10.0))
+    assert not model.rec[-1].weight.any() and not model.rec[-1].bias.any()
     bridge = Bridge(bridge_ck["dims"]["sem"], d, bridge_ck["config"]["hidden"], bridge_ck["config"]["dropout"])
     bridge.load_state_dict(ck["state"]["bridge"])
     assert all(torch.equal(v, bridge_ck["state"][k]) for k, v in ck["state"]["bridge"].items())  # frozen by default
@@ -61,6 +62,16 @@ def test_tiny_run_trains_and_writes_a_loadable_checkpoint(tiny_classifier_run):
         w, w_v, w_s, alpha = model.eval()(torch.randn(2, 5, 1, d), torch.randn(2, 5, d))
         logits = model.logits(torch.randn(2, 5, 3, d), w)
     assert logits.shape == (2, 5, 3, 5) and alpha.shape == (2, 5) and torch.isfinite(logits).all()
+
+
+def test_train_rec_trains_the_reconstructor_and_w_rec_asks_for_it(tmp_path, tiny_stage3_run):
+    run = copy_run(tiny_stage3_run, tmp_path / "run")
+    with pytest.raises(common.UserError, match="--train-rec"):
+        clf.main(["--run", run, *TINY, *TINY_CLASSIFIER, "--w-rec", "1"])
+    with torch_threads(1):
+        clf.main(["--run", run, *TINY, *TINY_CLASSIFIER, "--train-rec", "--w-rec", "1"])
+    ck = common.load_checkpoint(os.path.join(run, common.CLASSIFIER), "classifier", "")
+    assert ck["state"]["model"]["rec.2.weight"].any()  # moved away from the identity
 
 
 def test_a_bridge_built_on_another_student_is_refused(tmp_path, tiny_stage3_run):

@@ -133,6 +133,18 @@ def test_paired_differences_against_protonet_distilled(tiny_pipeline):
         assert p["delta"] == pytest.approx(acc[(m, k)] - acc[("protonet-distilled", k)], abs=0.02)
 
 
+def test_paired_difference_of_syntrans_against_the_fixed_fusion(tiny_pipeline):
+    out = read_results(tiny_pipeline)
+    acc = {(r["method"], r["shots"]): r["acc"] for r in out["rows"]}
+    assert [(p["method"], p["vs"], p["shots"]) for p in out["paired_fusion"]] == [
+        ("syntrans", "fixed-fusion", 1), ("syntrans", "fixed-fusion", 5)]
+    for p in out["paired_fusion"]:
+        assert p["ci95"] >= 0
+        assert p["delta"] == pytest.approx(acc[("syntrans", p["shots"])] - acc[("fixed-fusion", p["shots"])], abs=0.02)
+    with open(os.path.join(tiny_pipeline, "results.md"), encoding="utf-8") as f:
+        assert "syntrans vs fixed-fusion, paired" in f.read()
+
+
 def test_protonet_row_is_protonet_on_the_seeded_episodes(tiny_pipeline):
     """The row is recomputed independently: the student's cached features of the novel
     split and the episodes that --seed gives."""

@@ -211,6 +211,20 @@ def test_toy_describer():
         toyworld.describe("house finch")
 
 
+def test_toy_describer_misreads_a_class_consistently():
+    """A misread class: one attribute is believed wrong, so the statements naming it are
+    wrong even at wrong_rate 0 and the others right; a rate of 0 changes nothing."""
+    name = "red striped triangle"
+    assert toyworld.describe(name, misread_rate=0.0) == toyworld.describe(name)
+    misread = toyworld.describe(name, wrong_rate=0.0, misread_rate=1.0)
+    n_wrong = sum(not ok for _, ok in misread)
+    assert 0 < n_wrong < len(misread) - 2  # statements that do not name the misread attribute stay right
+    # over many classes, about misread_rate of them are misread
+    names = [toyworld.class_name(a) for split in toyworld.make_classes().values() for a in split]
+    n_misread = sum(any(not ok for _, ok in toyworld.describe(n, wrong_rate=0.0, misread_rate=0.2)) for n in names)
+    assert 0.1 * len(names) < n_misread < 0.3 * len(names), n_misread
+
+
 # ----------------------------------------------------------------------------------
 # The whole stage on the tiny toy world
 
