@@ -49,15 +49,15 @@ lesson or none, each measured:
     with 16 hidden units and without w_v), after which w_s beats any support mean on
     base classes and the gate collapses again. So --w-rec defaults to 0.
   - even trained by the query loss alone, R lowered novel accuracy, and its w_s was
-    worse than plain h(t_c) (60.5 against 62.1 at 1 shot): with 64 base classes it
+    worse than plain h(t_c) (61.5 against 62.6 at 1 shot): with 64 base classes it
     learns corrections that do not carry to new ones, and a trained R that sees w_v
     blurs the disagreement the gate needs. So R stays the identity unless --train-rec.
   - at --lr the gate learned a near-constant that ignored the agreement (its input
     moves within about [0.4, 0.9]); with its own --gate-lr 1e-2 it learned to move a
     class to the visual side when its support disagrees with h(t_c).
-  Seed 0, novel classes, 600 episodes, 1-shot / 5-shot: this default 70.38 / 75.91;
-  --gate-lr 1e-3 69.48 / 75.33; --train-rec 68.32 / 74.11; --train-rec --w-rec 1
-  68.71 / 75.13 (its gate ends at 0.00); the val-tuned fixed fusion 67.29 / 74.97.
+  Seed 0, novel classes, 600 episodes, 1-shot / 5-shot: this default 70.62 / 76.44;
+  --gate-lr 1e-3 69.55 / 75.90; --train-rec 68.62 / 74.31; --train-rec --w-rec 1
+  68.67 / 75.68 (its gate ends at 0.00); the val-tuned fixed fusion 67.20 / 75.32.
 
 Our choices: base-class weights = normalised base feature centres (or the stage-1
 CE head with --base-weights head); shot count drawn per batch from --shots so one
