@@ -201,17 +201,13 @@ def main(argv=None):
                 results.append({"method": method, "shots": k, "acc": round(acc, 2), "ci95": round(ci, 2)})
         seconds_episodes = time.time() - t1
 
-    paired = []
-    for (method, k), accs in per_episode.items():
-        if method != "protonet-distilled":
-            d, ci = common.ci95((accs - per_episode[("protonet-distilled", k)]) * 100)
-            paired.append({"method": method, "vs": "protonet-distilled", "shots": k, "delta": round(d, 2), "ci95": round(ci, 2)})
-    # what stage 4 adds over the fixed fusion of the same prototype and h(t_c), episode by episode
-    stage4 = []
-    for k in shots:
-        if ("syntrans", k) in per_episode and ("fixed-fusion", k) in per_episode:
-            d, ci = common.ci95((per_episode[("syntrans", k)] - per_episode[("fixed-fusion", k)]) * 100)
-            stage4.append({"method": "syntrans", "vs": "fixed-fusion", "shots": k, "delta": round(d, 2), "ci95": round(ci, 2)})
+    def paired_difference(method, vs, k):  # mean and interval of the per-episode differences
+        d, ci = common.ci95((per_episode[(method, k)] - per_episode[(vs, k)]) * 100)
+        return {"method": method, "vs": vs, "shots": k, "delta": round(d, 2), "ci95": round(ci, 2)}
+    paired = [paired_difference(m, "protonet-distilled", k) for m, k in per_episode if m != "protonet-distilled"]
+    # what stage 4 adds over the fixed fusion of the same prototype and h(t_c)
+    stage4 = [paired_difference("syntrans", "fixed-fusion", k) for k in shots
+              if ("syntrans", k) in per_episode and ("fixed-fusion", k) in per_episode]
 
     out = {"dataset": args.dataset, "episodes": args.episodes, "n_way": args.n_way, "n_query": args.n_query,
            "seed": args.seed, "rows": results, "paired": paired, "paired_fusion": stage4,
