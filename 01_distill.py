@@ -71,12 +71,17 @@ def get_args(argv=None):
 
 
 def augment(x):
-    """Random crop after 4-px (1/8) padding, and horizontal flip, on a uint8 batch."""
-    b, _, h, w = x.shape
+    """Random crop after 1/8-size padding (4 px at 32 px), and horizontal flip, each drawn per
+    image, on a uint8 batch [B, 3, H, W]; the output keeps the input's size."""
+    b, c, h, w = x.shape
     pad = max(h // 8, 1)
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect" if x.is_floating_point() else "constant")
-    i, j = torch.randint(0, 2 * pad + 1, (2,)).tolist()
-    x = xp[:, :, i:i + h, j:j + w]
+    # each image its own crop offset (i, j): gather rows i..i+h and columns j..j+w
+    i, j = torch.randint(0, 2 * pad + 1, (2, b, 1), device=x.device)
+    ar = lambda n: torch.arange(n, device=x.device)
+    rows = (i + ar(h))[:, None, :, None]                              # [b, 1, h, 1]
+    cols = (j + ar(w))[:, None, None, :]                              # [b, 1, 1, w]
+    x = xp[ar(b)[:, None, None, None], ar(c)[None, :, None, None], rows, cols]
     flip = torch.rand(b, device=x.device) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 

@@ -30,8 +30,14 @@ What it does
                      a statement another statement (another model, another template)
                      backs up is likely true; a hallucination stands alone;
        specific(t) = how well the k best candidates of another class match it,
-                     averaged over all other classes: a generic statement ("a small
-                     object") matches every class as well as its own;
+                     averaged over the other classes of its pool: a generic
+                     statement ("a small object") matches every class as well as
+                     its own. The pool keeps the splits apart: a base class is
+                     judged against base classes only, so nothing a base vector
+                     (which trains stages 3 and 4) holds depends on a val or novel
+                     class; a val (novel) class against the base classes and the
+                     other val (novel) classes, whose names are known at test time,
+                     as in every semantic few-shot method;
        image(t)    = base classes only: its match with the teacher's mean image
                      embedding of c's training images minus its mean match with the
                      other base classes' images (the vision side of the teacher
@@ -40,9 +46,11 @@ What it does
      Per class the lowest-scoring (1 - keep) fraction is dropped and the rest are
      softmax(score / temperature)-weighted into one L2-normalised vector t_c.
   3. --compare measures what mining buys: teacher zero-shot N-way accuracy on the
-     novel classes over fixed episodes with templates only, with all candidates
-     averaged, and with SynMine, and the fraction of wrong statements removed
-     (where the source knows which are wrong: the toy describer).
+     val classes (--split val, the default: choose settings with it) or the novel
+     ones (--split test, for the final report only) over fixed episodes, with
+     templates only, with all candidates averaged, and with SynMine, and the
+     fraction of wrong statements removed (where the source knows which are wrong:
+     the toy describer).
 
 Inputs   class names of all splits (--dataset), the teacher (--clip, --clip-pretrained),
          the knowledge sources; for the image vote, the base-class training images
@@ -128,7 +136,9 @@ def get_args(argv=None):
     p.add_argument("--image-weight", type=float, default=1.0,
                    help="weight of the base-class image vote (0: skip, and do not load the base images)")
     p.add_argument("--compare", action="store_true",
-                   help="also measure teacher zero-shot accuracy on the novel classes: templates / all averaged / SynMine")
+                   help="also measure teacher zero-shot accuracy on --split's classes: templates / all averaged / SynMine")
+    p.add_argument("--split", default="val", choices=["val", "test"],
+                   help="--compare: the classes measured (val chooses settings; test is the final report only)")
     p.add_argument("--episodes", type=int, default=600, help="--compare: fixed episodes")
     p.add_argument("--ways", type=int, default=5, help="--compare: classes per episode")
     p.add_argument("--queries", type=int, default=15, help="--compare: queries per class")
@@ -522,8 +532,26 @@ def encode(model, tokenizer, texts, device, chunk=2048):
     return torch.cat(out)
 
 
+def weight_shares(entries):
+    """Per source, and for the statements a source knows are wrong: (share of the
+    candidates, share of the mined weight), over the classes given (weights sum to 1
+    per class, so a share of the weight is averaged over the classes)."""
+    groups = {f"source {src}": lambda c, src=src: c["source"] == src
+              for src in dict.fromkeys(c["source"] for cands in entries for c in cands)}
+    groups["wrong statements"] = lambda c: c.get("correct") is False
+    n = sum(len(cands) for cands in entries)
+    return {name: (sum(is_in(c) for cands in entries for c in cands) / n,
+                   sum(c["weight"] for cands in entries for c in cands if is_in(c)) / len(entries))
+            for name, is_in in groups.items()}
+
+
+# the classes each split's candidates are judged against by the specificity score:
+# base classes only among themselves, val and novel classes with the base classes
+POOLS = {"train": ("train",), "val": ("train", "val"), "test": ("train", "test")}
+
+
 # ----------------------------------------------------------------------------------
-# --compare: what mining buys, measured by the teacher's zero-shot accuracy on novel classes
+# --compare: what mining buys, measured by the teacher's zero-shot accuracy on one split
 
 def zero_shot(feats, labels, rows, ways, queries, episodes, seed):
     """Per-row (mean, ci95) of N-way zero-shot accuracy over fixed episodes: the
@@ -561,10 +589,10 @@ def main(argv=None):
 
     # ---- class names of every split (read from the class lists: no image is loaded for them)
     classes = common.class_names(args.dataset, args.data_root)
-    test = None
+    measured = None
     if args.compare:  # the zero-shot episodes, refused before anything is asked or encoded
-        test = common.load_split(args.dataset, "test", args.data_root)
-        common.check_episodes(test, args.ways, 0, args.queries, "--ways or --queries", min_shot=0)
+        measured = common.load_split(args.dataset, args.split, args.data_root)
+        common.check_episodes(measured, args.ways, 0, args.queries, "--ways or --queries", min_shot=0)
     print(f"{args.dataset}: {', '.join(f'{len(classes[s])} {s}' for s in common.SPLITS)} classes; device {device}")
 
     # ---- 1. candidates from every source
@@ -578,7 +606,7 @@ def main(argv=None):
     teacher, preprocess, tokenizer, teacher_id = common.load_teacher(args.clip, args.clip_pretrained, device)
     texts = list(dict.fromkeys(c["text"] for k in order for c in candidates[k]))
     if args.compare:
-        texts = list(dict.fromkeys(texts + [t.format(n) for n in classes["test"] for t in TEMPLATES]))
+        texts = list(dict.fromkeys(texts + [t.format(n) for n in classes[args.split] for t in TEMPLATES]))
     table = dict(zip(texts, encode(teacher, tokenizer, texts, device)))
     embs = [torch.stack([table[c["text"]] for c in candidates[k]]) for k in order]
     templates_only = kinds == ["templates"]
@@ -590,8 +618,15 @@ def main(argv=None):
         for i in range(len(classes["train"])):  # base classes come first in `order`
             images[i] = F.normalize(feats[train.labels == i].mean(0), dim=0)
 
-    # ---- 3. score, keep, weight: one vector per class
-    scores = score_candidates(embs, images, args.image_weight, args.support_k)
+    # ---- 3. score, keep, weight: one vector per class; each split scored within its pool
+    scores = [None] * len(order)
+    for split, pool in POOLS.items():
+        at = [i for i, k in enumerate(order) if k[0] in pool]
+        pooled = score_candidates([embs[i] for i in at], None if images is None else images[at],
+                                  args.image_weight, args.support_k)
+        for i, sc in zip(at, pooled):
+            if order[i][0] == split:
+                scores[i] = sc
     vectors = {s: [] for s in common.SPLITS}
     for k, e, sc in zip(order, embs, scores):
         if templates_only:  # the ablation: CLIP's prompt ensemble, no mining
@@ -614,33 +649,37 @@ def main(argv=None):
     if removed is not None:
         print(f"  wrong statements removed: {removed:.0%} of {n_wrong}; correct ones kept: {right_kept:.0%}")
 
-    # ---- 4. optionally, measure: teacher zero-shot on the novel classes
+    # ---- 4. optionally, measure: teacher zero-shot on the val (or novel) classes
     report = None
     if args.compare:
-        feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, test, device)
-        test_keys = [k for k in order if k[0] == "test"]
-        test_embs = [embs[order.index(k)] for k in test_keys]
+        split = args.split
+        feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, measured, device)
+        split_keys = [k for k in order if k[0] == split]
+        split_embs = [embs[order.index(k)] for k in split_keys]
         rows = {"templates only": torch.stack([mean_vector(torch.stack([table[t.format(n)] for t in TEMPLATES]))
-                                               for n in classes["test"]]),
-                "all candidates averaged": torch.stack([mean_vector(e) for e in test_embs]),
-                "SynMine" + (" (= templates)" if templates_only else ""): state["test"]}
+                                               for n in classes[split]]),
+                "all candidates averaged": torch.stack([mean_vector(e) for e in split_embs]),
+                "SynMine" + (" (= templates)" if templates_only else ""): state[split]}
         for x in sources:  # each source alone, averaged: who contributes what
             if x["name"] != "templates":
-                per = [[table[c["text"]] for c in candidates[k] if c["source"] == x["name"]] for k in test_keys]
+                per = [[table[c["text"]] for c in candidates[k] if c["source"] == x["name"]] for k in split_keys]
                 if all(per):
                     rows[f"{x['name']} only, averaged"] = torch.stack([mean_vector(torch.stack(p)) for p in per])
-        accs = zero_shot(feats, test.labels, rows, args.ways, args.queries, args.episodes, args.seed)
-        removed_novel, n_wrong_novel, kept_novel = wrong_removed([candidates[k] for k in test_keys])
-        print(f"teacher zero-shot, {args.ways}-way, {len(classes['test'])} novel classes, "
+        accs = zero_shot(feats, measured.labels, rows, args.ways, args.queries, args.episodes, args.seed)
+        removed_split, n_wrong_split, kept_split = wrong_removed([candidates[k] for k in split_keys])
+        print(f"teacher zero-shot, {args.ways}-way, {len(classes[split])} {split} classes, "
               f"{args.episodes} episodes x {args.queries} queries (mean +- 95% CI):")
         for name, (mean, ci) in accs.items():
             print(f"  {name:40s} {mean:6.2f} +- {ci:.2f}")
-        if removed_novel is not None:
-            print(f"  wrong statements removed on novel classes: {removed_novel:.0%} of {n_wrong_novel}; "
-                  f"correct ones kept: {kept_novel:.0%}")
-        report = {"ways": args.ways, "queries": args.queries, "episodes": args.episodes, "seed": args.seed,
-                  "accuracy": {name: {"mean": mean, "ci95": ci} for name, (mean, ci) in accs.items()},
-                  "wrong_removed_novel": removed_novel, "wrong_novel": n_wrong_novel, "correct_kept_novel": kept_novel,
+        if removed_split is not None:
+            print(f"  wrong statements removed on {split} classes: {removed_split:.0%} of {n_wrong_split}; "
+                  f"correct ones kept: {kept_split:.0%}")
+        shares = weight_shares([candidates[k] for k in split_keys])
+        for name, (n_share, w_share) in shares.items():
+            print(f"  {name:40s} {n_share:6.1%} of the candidates, {w_share:6.1%} of the weight")
+        report = {"split": split, "shares": {n: {"candidates": a, "weight": b} for n, (a, b) in shares.items()}, "ways": args.ways, "queries": args.queries, "episodes": args.episodes,
+                  "seed": args.seed, "accuracy": {name: {"mean": mean, "ci95": ci} for name, (mean, ci) in accs.items()},
+                  "wrong_removed": removed_split, "wrong": n_wrong_split, "correct_kept": kept_split,
                   "wrong_removed_all": removed, "wrong_all": n_wrong, "correct_kept_all": right_kept}
 
     # ---- 5. write the vectors and the readable JSON (neither holds the key)

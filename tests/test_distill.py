@@ -211,3 +211,23 @@ def test_a_batch_larger_than_the_training_set_is_a_user_error(tmp_path):
     with pytest.raises(common.UserError, match="batch"):
         distill.main(["--run", str(tmp_path / "run"), *TINY, *TINY_STUDENT, "--distill-weight", "0",
                       "--batch-size", "100000"])
+
+
+# ----------------------------------------------------------------------------------
+# Augmentation: every image of a batch gets its own crop offset and flip.
+
+def test_augment_crops_each_image_on_its_own_and_keeps_the_size():
+    torch.manual_seed(0)
+    img = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(1, 3, 32, 32)
+    out = distill.augment(img.expand(64, -1, -1, -1).contiguous())
+    assert out.shape == (64, 3, 32, 32) and out.dtype == torch.uint8
+    pad = 4
+    padded = torch.nn.functional.pad(img, (pad, pad, pad, pad))[0]
+    crops = {(i, j, f): (padded[:, i:i + 32, j:j + 32].flip(2) if f else padded[:, i:i + 32, j:j + 32])
+             for i in range(2 * pad + 1) for j in range(2 * pad + 1) for f in (0, 1)}
+    found = []
+    for o in out:  # which padded crop (and flip) each output is
+        match = [key for key, c in crops.items() if torch.equal(o, c)]
+        assert match, "an output is not a crop of the padded image"
+        found.append(match[0][:2])
+    assert len(set(found)) > 10  # one offset for the whole batch would give exactly 1
