@@ -107,8 +107,12 @@ def get_args(argv=None):
     p.add_argument("--w-rec", type=float, default=0.0,
                    help="with --train-rec: weight of the reconstruction term (above 0 R memorises the base centres)")
     p.add_argument("--finetune-bridge", action="store_true", help="let the bridge's h train too (default frozen)")
+    p.add_argument("--gate", default="per-class", choices=["per-class", "shared"],
+                   help="per-class: the gate sees each class's agreement cos(w_v, w_s) and log K; shared: it sees "
+                        "log K only, one learned mix for all classes (the syntrans-fixed-gate ablation)")
     p.add_argument("--shuffle-semantics", action="store_true",
-                   help="ablation/test: shuffle semantic vectors across classes (they then carry no information)")
+                   help="ablation: train (and, in stage 5, score) with semantic vectors shuffled across classes, "
+                        "so that they carry no information (the syntrans-shuffled row)")
     p.add_argument("--val-every", type=int, default=100, help="validate every this many steps")
     p.add_argument("--val-episodes", type=int, default=300, help="fixed val episodes per shot count")
     return p.parse_args(argv)
@@ -119,7 +123,7 @@ def mlp(d_in, d_hidden, d_out):
 
 
 class FewShotClassifier(nn.Module):
-    def __init__(self, base_weights, hidden=16):
+    def __init__(self, base_weights, hidden=16, per_class_gate=True):
         super().__init__()
         n_base, d = base_weights.shape
         # -- visual weight generator (attention over the base-class weights)
@@ -138,6 +142,7 @@ class FewShotClassifier(nn.Module):
         # themselves: with the weights as input it can learn which *base classes* have
         # good semantics instead of when semantics are good, and it did.
         self.gate = mlp(2, 16, 1)
+        self.per_class_gate = per_class_gate  # False: the agreement input is zeroed (one mix per shot count)
         self.scale = nn.Parameter(torch.tensor(10.0))
 
     def visual_weight(self, support, hide=None):
@@ -157,13 +162,23 @@ class FewShotClassifier(nn.Module):
         w_v = self.visual_weight(support, hide)
         hs = F.normalize(sem_weight, dim=-1)
         w_s = F.normalize(hs + self.rec(torch.cat([hs, w_v, k], -1)), dim=-1)
-        alpha = torch.sigmoid(self.gate(torch.cat([(w_v * w_s).sum(-1, keepdim=True), k], -1)))
+        agree = (w_v * w_s).sum(-1, keepdim=True)
+        if not self.per_class_gate:  # the shared gate: one mix per shot count, the same for every class
+            agree = torch.zeros_like(agree)
+        alpha = torch.sigmoid(self.gate(torch.cat([agree, k], -1)))
         w = F.normalize(alpha * w_v + (1 - alpha) * w_s, dim=-1)
         return w, w_v, w_s, alpha.squeeze(-1)
 
     def logits(self, query, w):
         """query [E, N, Q, d], w [E, N, d] -> [E, N, Q, N]."""
         return self.scale * torch.einsum("enqd,ecd->enqc", F.normalize(query, dim=-1), w)
+
+
+def shuffled_order(n, seed, split):
+    """--shuffle-semantics: class i of `split` reads the semantics of class order[i]
+    (a fixed random permutation per seed and split; stage 5 scores with the same)."""
+    g = torch.Generator().manual_seed(1000 * seed + common.SPLITS.index(split))
+    return torch.randperm(n, generator=g)
 
 
 def load_upstream(args, classes, device):
@@ -203,14 +218,13 @@ def main(argv=None):
     t = {s: ck["mine"]["state"][s].float().to(device) for s in ("train", "val")}
     perm = {}
     if args.shuffle_semantics:  # semantics that carry no information about their class
-        g = torch.Generator().manual_seed(args.seed)
-        perm = {s: torch.randperm(len(v), generator=g).to(device) for s, v in t.items()}
+        perm = {s: shuffled_order(len(v), args.seed, s).to(device) for s, v in t.items()}
         t = {s: v[perm[s]] for s, v in t.items()}
     n_base = len(train.classes)
     centres = common.class_centres(f_train, train.labels, n_base)
     base_w = centres if args.base_weights == "centres" else ck["distill"]["state"]["ce_head"]["weight"].to(device)
 
-    model = FewShotClassifier(base_w, args.hidden).to(device)
+    model = FewShotClassifier(base_w, args.hidden, per_class_gate=args.gate == "per-class").to(device)
     # The semantic weights of the base classes in meta-training. The main bridge was fit
     # on these very classes, so its h(t_c) is nearly perfect for them, and a gate trained
     # on that would trust semantics blindly (it did: README). Stage 3 therefore also

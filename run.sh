@@ -46,8 +46,11 @@ $PY 02_mine.py $ARGS --sources templates --out $T
 echo "== stage 3: VSBird, the visual-semantic bridge"
 $PY 03_bridge.py $ARGS $S3
 $PY 03_bridge.py $ARGS $S3 --semantics $T --out 03_bridge_templates.pt
-echo "== stage 4: visual weight generator + semantic weight reconstructor"
+echo "== stage 4: visual weight generator + semantic weight reconstructor (and three ablations)"
 $PY 04_classifier.py $ARGS $S4
+$PY 04_classifier.py $ARGS $S4 --gate shared --out 04_classifier_fixed_gate.pt
+$PY 04_classifier.py $ARGS $S4 --shuffle-semantics --out 04_classifier_shuffled.pt
 $PY 04_classifier.py $ARGS $S4 --semantics $T --bridge 03_bridge_templates.pt --out 04_classifier_templates.pt
-echo "== stage 5: the results table"
+echo "== stage 5: the val table (where choices are made), then the novel-class table"
+$PY 05_eval.py $ARGS $S5 --split val
 $PY 05_eval.py $ARGS $S5

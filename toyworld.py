@@ -350,6 +350,20 @@ DESCRIBE_GENERIC = [
 ]
 
 
+def misread(name, seed=0, misread_rate=0.0):
+    """Does the describer (seed) misread the toy class `name`? None, or (slot, value):
+    it believes attribute `slot` ("c", "p" or "s") has this other value. Drawn from a
+    stream of its own, so that describe() draws its statements as without it."""
+    truth = dict(zip("cps", name.split()))
+    tables = {"c": COLOURS, "p": PATTERNS, "s": SHAPES}
+    rng = np.random.default_rng([seed, 1, *name.encode()])
+    if rng.uniform() >= misread_rate:
+        return None
+    slot = "cps"[rng.integers(3)]
+    others = [v for v in tables[slot] if v != truth[slot]]
+    return slot, others[rng.integers(len(others))]
+
+
 def describe(name, seed=0, n=12, wrong_rate=0.3, n_generic=2, label_rate=0.15, misread_rate=0.0):
     """About `n` short descriptions of the toy class `name` ("red striped triangle").
 
@@ -378,11 +392,9 @@ def describe(name, seed=0, n=12, wrong_rate=0.3, n_generic=2, label_rate=0.15, m
     k = n - n_generic
     wrong = rng.permutation(k) < round(wrong_rate * k)
     belief = dict(truth)  # what the describer thinks the class looks like
-    misread = np.random.default_rng([seed, 1, *name.encode()])  # its own stream: the statements draw as without it
-    if misread.uniform() < misread_rate:
-        slot = "cps"[misread.integers(3)]
-        others = [v for v in tables[slot] if v != truth[slot]]
-        belief[slot] = others[misread.integers(len(others))]
+    wrong_belief = misread(name, seed, misread_rate)
+    if wrong_belief is not None:
+        belief[wrong_belief[0]] = wrong_belief[1]
     out, seen = [], set()
     for _ in range(20 * n):  # bounded: a few duplicates are redrawn
         if len(out) >= k:

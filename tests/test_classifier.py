@@ -206,3 +206,22 @@ def test_the_scripts_training_gate_with_and_without_shuffle_semantics(tmp_path, 
     for k in (1, 5):
         assert shuffled[f"gate_{k}shot"] > 0.5, shuffled
         assert shuffled[f"gate_{k}shot"] > informative[f"gate_{k}shot"] + 0.2, (informative, shuffled)
+
+
+def test_shared_gate_gives_every_class_one_mix_the_per_class_gate_does_not():
+    """--gate shared (the syntrans-fixed-gate row): the gate sees log K alone, so all
+    classes of all episodes with the same shot count get the same alpha."""
+    g = torch.Generator().manual_seed(1)
+    base = synthetic_split(g, 64, 20, noise=2.0)
+    centres = class_centres(base)
+    sem = F.normalize(torch.randn(64, D, generator=g), dim=-1)  # semantics that agree with some classes more
+    cls, idx = common.sample_episodes(base.labels, 5, 1, 5, 6, seed=0)
+    support, _ = common.split_episodes(base.feats, idx, 1)
+    torch.manual_seed(0)
+    for per_class in (True, False):
+        model = FewShotClassifier(centres, hidden=32, per_class_gate=per_class)
+        with torch.no_grad():
+            for p in model.gate.parameters():  # a gate that does depend on its inputs
+                p.normal_()
+            alpha = model(support, sem[cls])[3]
+        assert (alpha.std() > 1e-3) == per_class, (per_class, alpha)

@@ -13,6 +13,7 @@ import common
 from conftest import TINY, TINY_BRIDGE, TINY_CLASSIFIER, TINY_STUDENT, copy_run, torch_threads
 
 evaluation = importlib.import_module("05_eval")
+METHODS = [r[0] for r in evaluation.ROWS]
 pytestmark = pytest.mark.usefixtures("single_thread")
 EPISODES = 40
 
@@ -87,17 +88,20 @@ def test_batched_equals_a_per_episode_loop_for_every_batch_size():
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory, tiny_stage3_run, make_semantics):
     run = copy_run(tiny_stage3_run, tmp_path_factory.mktemp("eval") / "run")
-    t = evaluation.TEMPLATES
+    f = evaluation.FILES
+    classifier = importlib.import_module("04_classifier").main
     with torch_threads(1):
         importlib.import_module("01_distill").main(["--run", run, *TINY, *TINY_STUDENT, "--distill-weight", "0"])
-        importlib.import_module("04_classifier").main(["--run", run, *TINY, *TINY_CLASSIFIER])
-        make_semantics(run, out=t["semantics"], template="{name}")
-        importlib.import_module("03_bridge").main(["--run", run, *TINY, *TINY_BRIDGE,
-                                                   "--semantics", t["semantics"], "--out", t["bridge"]])
-        importlib.import_module("04_classifier").main(["--run", run, *TINY, *TINY_CLASSIFIER,
-                                                       "--semantics", t["semantics"], "--bridge", t["bridge"],
-                                                       "--out", t["classifier"]])
+        classifier(["--run", run, *TINY, *TINY_CLASSIFIER])
+        classifier(["--run", run, *TINY, *TINY_CLASSIFIER, "--gate", "shared", "--out", f["syntrans-fixed-gate"]])
+        classifier(["--run", run, *TINY, *TINY_CLASSIFIER, "--shuffle-semantics", "--out", f["syntrans-shuffled"]])
+        make_semantics(run, out=f["semantics-templates"], template="{name}")
+        importlib.import_module("03_bridge").main(["--run", run, *TINY, *TINY_BRIDGE, "--semantics",
+                                                   f["semantics-templates"], "--out", f["bridge-templates"]])
+        classifier(["--run", run, *TINY, *TINY_CLASSIFIER, "--semantics", f["semantics-templates"],
+                    "--bridge", f["bridge-templates"], "--out", f["syntrans-templates"]])
         evaluation.main(["--run", run, *TINY, "--episodes", str(EPISODES)])
+        evaluation.main(["--run", run, *TINY, "--episodes", str(EPISODES), "--split", "val"])
     return run
 
 
@@ -108,10 +112,11 @@ def read_results(run):
 
 def test_results_json_has_every_row_for_both_shot_counts(tiny_pipeline):
     out = read_results(tiny_pipeline)
-    assert {k: out[k] for k in ("dataset", "episodes", "n_way", "n_query", "seed")} == \
-        {"dataset": "toy-tiny", "episodes": EPISODES, "n_way": 5, "n_query": 15, "seed": 0}
+    assert {k: out[k] for k in ("dataset", "split", "episodes", "n_way", "n_query", "episode_seed", "seed")} == \
+        {"dataset": "toy-tiny", "split": "test", "episodes": EPISODES, "n_way": 5, "n_query": 15,
+         "episode_seed": 0, "seed": 0}
     assert sorted((r["method"], r["shots"]) for r in out["rows"]) == \
-        sorted((m, k) for k in (1, 5) for m in evaluation.METHODS)  # every row once
+        sorted((m, k) for k in (1, 5) for m in METHODS)  # every row once
     for r in out["rows"]:
         assert set(r) == {"method", "shots", "acc", "ci95"}
         assert 0 <= r["acc"] <= 100 and r["ci95"] >= 0
@@ -122,27 +127,65 @@ def test_results_json_has_every_row_for_both_shot_counts(tiny_pipeline):
     assert acc[("protonet-distilled", 5)] > 20  # above chance (5-way)
 
 
-def test_paired_differences_against_protonet_distilled(tiny_pipeline):
-    out = read_results(tiny_pipeline)
+@pytest.mark.parametrize("stem", ["results", "results_val"])
+def test_paired_differences_along_the_chain(tiny_pipeline, stem):
+    with open(os.path.join(tiny_pipeline, stem + ".json"), encoding="utf-8") as f:
+        out = json.load(f)
+    assert out["split"] == ("test" if stem == "results" else "val")
     acc = {(r["method"], r["shots"]): r["acc"] for r in out["rows"]}
-    paired = {(p["method"], p["shots"]): p for p in out["paired"]}
-    assert set(paired) == {(m, k) for m in evaluation.METHODS if m != "protonet-distilled" for k in (1, 5)}
-    for (m, k), p in paired.items():
-        assert p["vs"] == "protonet-distilled" and p["ci95"] >= 0
+    paired = {(p["method"], p["vs"], p["shots"]): p for p in out["comparisons"]}
+    assert set(paired) == {(a, b, k) for a, b, _ in evaluation.COMPARISONS for k in (1, 5)}
+    chain = ["protonet-ce", "protonet-distilled", "fixed-fusion", "visual-generator", "syntrans-fixed-gate", "syntrans"]
+    assert all((a, b, 1) in paired for b, a in zip(chain, chain[1:]))  # each step of the chain against the one below
+    for (a, b, k), p in paired.items():
+        assert p["ci95"] >= 0 and p["what"]
         # the mean of the per-episode differences is the difference of the means
-        assert p["delta"] == pytest.approx(acc[(m, k)] - acc[("protonet-distilled", k)], abs=0.02)
+        assert p["delta"] == pytest.approx(acc[(a, k)] - acc[(b, k)], abs=0.02)
+    with open(os.path.join(tiny_pipeline, stem + ".md"), encoding="utf-8") as f:
+        md = f.read()
+    assert "| syntrans − syntrans-fixed-gate | the per-class gate |" in md
+    assert "cosine nearest-centroid" in md and ("val classes" if stem == "results_val" else "novel classes") in md
 
 
-def test_paired_difference_of_syntrans_against_the_fixed_fusion(tiny_pipeline):
-    out = read_results(tiny_pipeline)
-    acc = {(r["method"], r["shots"]): r["acc"] for r in out["rows"]}
-    assert [(p["method"], p["vs"], p["shots"]) for p in out["paired_fusion"]] == [
-        ("syntrans", "fixed-fusion", 1), ("syntrans", "fixed-fusion", 5)]
-    for p in out["paired_fusion"]:
-        assert p["ci95"] >= 0
-        assert p["delta"] == pytest.approx(acc[("syntrans", p["shots"])] - acc[("fixed-fusion", p["shots"])], abs=0.02)
-    with open(os.path.join(tiny_pipeline, "results.md"), encoding="utf-8") as f:
-        assert "syntrans vs fixed-fusion, paired" in f.read()
+def test_episodes_do_not_depend_on_the_training_seed(tmp_path, tiny_pipeline):
+    """--seed is the training seed; the episodes come from --episode-seed alone."""
+    run = copy_run(tiny_pipeline, tmp_path / "run")
+    evaluation.main(["--run", run, *TINY, "--episodes", str(EPISODES), "--seed", "3"])
+    again = read_results(run)
+    assert again["seed"] == 3 and again["rows"] == read_results(tiny_pipeline)["rows"]
+    evaluation.main(["--run", run, *TINY, "--episodes", str(EPISODES), "--episode-seed", "5"])
+    assert read_results(run)["rows"] != again["rows"]
+
+
+def test_euclidean_protonet_is_minus_the_squared_distance():
+    torch.manual_seed(0)
+    s, q = 3 * torch.randn(2, 5, 3, 8).double(), 3 * torch.randn(2, 5, 4, 8).double()
+    logits = evaluation.euclidean_protonet(None, 3, None, s, q)
+    protos = s.mean(2)
+    for e in range(2):
+        for n in range(5):
+            for j in range(4):
+                want = -((q[e, n, j][None] - protos[e]) ** 2).sum(-1)
+                assert torch.allclose(logits[e, n, j], want)
+
+
+def test_shuffled_ablation_scores_with_stage_4s_shuffled_semantics(tiny_pipeline):
+    """syntrans-shuffled reads each class's h(t_c) from another class, in the order stage 4 trained with."""
+    f = evaluation.FILES
+    load = lambda name, stage: common.load_checkpoint(os.path.join(tiny_pipeline, f[name]), stage, "")
+    sem = load("semantics", "mine")["state"]["test"].float()
+    plain = evaluation.trained_classifier(tiny_pipeline, "syntrans", load("syntrans", "classifier"),
+                                          load("bridge", "bridge"), sem, "test", "cpu")
+    shuffled_ck = load("syntrans-shuffled", "classifier")
+    shuffled = evaluation.trained_classifier(tiny_pipeline, "syntrans-shuffled", shuffled_ck,
+                                             load("bridge", "bridge"), sem, "test", "cpu")
+    order = importlib.import_module("04_classifier").shuffled_order(len(sem), shuffled_ck["config"]["seed"], "test")
+    assert not torch.equal(order, torch.arange(len(sem)))
+    bridge = evaluation.Bridge.from_checkpoint(load("bridge", "bridge"), "cpu")
+    bridge.load_state_dict(shuffled_ck["state"]["bridge"])
+    with torch.no_grad():
+        assert torch.allclose(shuffled["w"], bridge.to_visual(sem[order]))
+        assert not torch.allclose(shuffled["w"], plain["w"])
 
 
 def test_protonet_row_is_protonet_on_the_seeded_episodes(tiny_pipeline):
@@ -166,8 +209,9 @@ def test_results_md_has_one_line_per_method(tiny_pipeline):
     with open(os.path.join(tiny_pipeline, "results.md"), encoding="utf-8") as f:
         lines = f.read().splitlines()
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| method")]
-    assert [r.split("|")[1].strip() for r in rows] == evaluation.METHODS
-    for m, line in zip(evaluation.METHODS, rows):
+    rows = rows[:len(METHODS)]  # the accuracy table; the paired differences follow
+    assert [r.split("|")[1].strip() for r in rows] == METHODS
+    for m, line in zip(METHODS, rows):
         for k in (1, 5):
             r = next(r for r in out["rows"] if r["method"] == m and r["shots"] == k)
             assert f"{r['acc']:.2f} ± {r['ci95']:.2f}" in line
@@ -176,30 +220,31 @@ def test_results_md_has_one_line_per_method(tiny_pipeline):
 def test_a_row_whose_checkpoint_is_absent_is_listed_as_skipped(tmp_path, tiny_pipeline):
     run = copy_run(tiny_pipeline, tmp_path / "run")
     os.remove(os.path.join(run, common.STUDENT_CE))
-    os.remove(os.path.join(run, evaluation.TEMPLATES["classifier"]))
+    os.remove(os.path.join(run, evaluation.FILES["syntrans-templates"]))
     evaluation.main(["--run", run, *TINY, "--episodes", "10"])
     out = read_results(run)
     skipped = {s["method"]: s["how"] for s in out["skipped"]}
     assert set(skipped) == {"protonet-ce", "syntrans-templates"}
     assert "--distill-weight 0" in skipped["protonet-ce"] and skipped["syntrans-templates"]
     present = {r["method"] for r in out["rows"]}
-    assert present == set(evaluation.METHODS) - set(skipped)
+    assert present == set(METHODS) - set(skipped)
     with open(os.path.join(run, "results.md"), encoding="utf-8") as f:
         md = f.read()
     assert "| protonet-ce | skipped:" in md and "| syntrans-templates | skipped:" in md
 
 
-def test_only_the_distilled_student_gives_a_table_of_one_row_and_six_skipped(tmp_path, tiny_stage1_run):
+def test_only_the_distilled_student_gives_its_two_rows_and_the_rest_skipped(tmp_path, tiny_stage1_run):
     run = copy_run(tiny_stage1_run, tmp_path / "run")
     os.remove(os.path.join(run, common.SEMANTICS))
     evaluation.main(["--run", run, *TINY, "--episodes", "10"])
     out = read_results(run)
-    assert {r["method"] for r in out["rows"]} == {"protonet-distilled"} and out["paired"] == []
-    assert {s["method"] for s in out["skipped"]} == set(evaluation.METHODS) - {"protonet-distilled"}
+    assert {r["method"] for r in out["rows"]} == {"protonet-distilled", "protonet-euclidean"}
+    assert [(p["method"], p["vs"]) for p in out["comparisons"]] == [("protonet-euclidean", "protonet-distilled")] * 2
+    assert {s["method"] for s in out["skipped"]} == set(METHODS) - {"protonet-distilled", "protonet-euclidean"}
 
 
 def test_a_classifier_without_its_bridge_is_skipped_not_a_crash(tmp_path, tiny_pipeline):
     run = copy_run(tiny_pipeline, tmp_path / "run")
-    os.remove(os.path.join(run, evaluation.TEMPLATES["bridge"]))
+    os.remove(os.path.join(run, evaluation.FILES["bridge-templates"]))
     evaluation.main(["--run", run, *TINY, "--episodes", "10"])
     assert "syntrans-templates" in {s["method"] for s in read_results(run)["skipped"]}
