@@ -39,9 +39,9 @@ Inputs   <run>/01_student.pt, <run>/02_semantics.pt (or --semantics NAME)
 Outputs  <run>/03_bridge.pt (or --out NAME): h, g, the out-of-fold base-class weights
          (oof [C_base, d]), config, upstream identities.
 
-On the toy world switching either cycle term off changed the novel-class accuracy
-by less than its 95% interval (README / issue notes): they are kept as the paper's
-bi-directional design, not for a gain we measured.
+The cycle terms are kept as the paper's bi-directional design, not for a gain we
+have measured: no shipped command compares them (--w-cyc-s 0 --w-cyc-v 0 switches
+them off, for a comparison of your own on --split val).
 
 Our choices: 2-layer MLPs with dropout, cosine losses on L2-normalised vectors,
 one learned temperature per cosine classifier, AdamW, the fixed mix

@@ -60,7 +60,7 @@ lesson or none, each measured:
   68.67 / 75.68 (its gate ends at 0.00); the val-tuned fixed fusion 67.20 / 75.32.
 
 Our choices: base-class weights = normalised base feature centres (or the stage-1
-CE head with --base-weights head); shot count drawn per batch from --shots so one
+CE head with --base-weights head); shot count alternating between the --shots values from step to step, so one
 model serves 1-shot and 5-shot; AdamW; best checkpoint by mean val accuracy over
 1-shot and 5-shot episodes.
 """

@@ -113,6 +113,7 @@ COMPARISONS = [
     ("syntrans", "syntrans-fixed-gate", "the per-class gate"),
     ("visual-generator", "protonet-distilled", "the attention read-out over base-class weights"),
     ("syntrans", "fixed-fusion", "all of stage 4"),
+    ("syntrans", "protonet-distilled", "the whole method against the student's own prototypes"),
     ("syntrans", "syntrans-shuffled", "what the semantics say (shuffled across classes: no information)"),
     ("syntrans", "syntrans-templates", "SynMine's descriptions against prompt templates of the class name"),
     ("protonet-euclidean", "protonet-distilled", "squared Euclidean against cosine prototypes"),

@@ -265,8 +265,11 @@ class Block(nn.Module):
 
 class ResNet12(nn.Module):
     """ResNet-12: widths 64-160-320-640 by default (a 640-d feature after global
-    average pooling). The toy world uses a narrower one (e.g. 32-64-128-256) to
-    train on a CPU. DropBlock acts on the last two blocks, as in MetaOptNet."""
+    average pooling). The toy world uses a narrower one (16-32-64-128) to train on a
+    CPU. DropBlock (used in few-shot ResNet-12s since MetaOptNet, Lee et al. 2019)
+    acts on the last two blocks, with our own settings: single positions (block size
+    1) after block 3, 5x5 blocks (clipped to the map) after block 4, at a constant
+    rate with no warm-up schedule."""
 
     def __init__(self, widths=(64, 160, 320, 640), drop_rate=0.0, block_size=5):
         super().__init__()
