@@ -19,7 +19,7 @@ What it does (meta-trained on base-class episodes; student and bridge frozen)
                                 also be trained to reconstruct the class's full-data
                                 weight (--w-rec; for base classes the true centre is known).
                                 R starts as the identity and, by default, stays so: it
-                                trains only with --train-rec (below: trained, it hurt).
+                                trains only with --train-rec (see the val figures below).
     adaptive fusion             alpha = gate([cos(w_v, w_s), log K]) in (0, 1) per class;
                                 w = alpha * w_v + (1 - alpha) * w_s. With one shot the
                                 gate should lean on semantics, with five more on vision.
@@ -38,26 +38,18 @@ Inputs   <run>/01_student.pt, <run>/02_semantics.pt, <run>/03_bridge.pt
 Outputs  <run>/04_classifier.pt (or --out NAME): generator, reconstructor, gate,
          temperature, config, upstream identities.
 
-What we saw on the toy world (README): meta-training on base classes teaches the
-gate whatever is true *of the base classes*, and these things made it learn the wrong
-lesson or none, each measured:
+Why it is built this way: meta-training on base classes teaches the gate whatever is
+true *of the base classes*, and three things made it learn the wrong lesson or none:
   - h(t_c) from the bridge fit on those same classes is nearly perfect, so the gate
-    put all weight on semantics (0.00 at 1 and 5 shots). Cross-fitted h(t_c) fixed it.
+    put all weight on semantics; stage 3's cross-fitted h(t_c) fixed that.
   - a gate that sees the weights themselves can learn which base classes have good
     semantics; ours sees only their agreement and the shot count.
-  - the reconstruction term lets R memorise the 64 base centres from h(t_c) (even
-    with 16 hidden units and without w_v), after which w_s beats any support mean on
-    base classes and the gate collapses again. So --w-rec defaults to 0.
-  - even trained by the query loss alone, R lowered novel accuracy, and its w_s was
-    worse than plain h(t_c) (61.5 against 62.6 at 1 shot): with 64 base classes it
-    learns corrections that do not carry to new ones, and a trained R that sees w_v
-    blurs the disagreement the gate needs. So R stays the identity unless --train-rec.
-  - at --lr the gate learned a near-constant that ignored the agreement (its input
-    moves within about [0.4, 0.9]); with its own --gate-lr 1e-2 it learned to move a
-    class to the visual side when its support disagrees with h(t_c).
-  Seed 0, novel classes, 600 episodes, 1-shot / 5-shot: this default 70.62 / 76.44;
-  --gate-lr 1e-3 69.55 / 75.90; --train-rec 68.62 / 74.31; --train-rec --w-rec 1
-  68.67 / 75.68 (its gate ends at 0.00); the val-tuned fixed fusion 67.20 / 75.32.
+  - the reconstruction term (--w-rec) lets R memorise the 64 base centres from
+    h(t_c), after which w_s beats any support mean on base classes and the gate
+    collapses again.
+  The defaults --gate-lr, --train-rec (off) and --w-rec (0) were chosen on the val
+  classes: `bash experiments/defaults.sh` measures each alternative on three training
+  seeds (README, "Choices made on val classes").
 
 Our choices: base-class weights = normalised base feature centres (or the stage-1
 CE head with --base-weights head); shot count alternating between the --shots values from step to step, so one

@@ -13,6 +13,11 @@ cd "$(dirname "$0")"
 preset=${1:-toy}
 PY=${PYTHON:-python3}
 
+# The toy presets run torch on one thread: the same figures whatever the core count (float sums
+# are ordered by the thread count), and no slower on 2 busy cores, where threads wait on
+# each other. Set OMP_NUM_THREADS yourself to override.
+case "$preset" in toy*) export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} ;; esac
+
 case "$preset" in
   toy)
     RUN=${RUN:-runs/toy}

@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/toy-defaults} SEEDS=${SEEDS:-0 1 2} SEEDRUNS=${SEEDRUNS:-runs/toy-seeds}
 PY=${PYTHON:-python3}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # as run.sh: the same figures whatever the core count
 KEEPS=${KEEPS:-0.5 0.7 0.9 1} TEMPERATURES=${TEMPERATURES:-0.03 0.1 0.3 1}
 # name:flags of each stage-4 variant ("default" is the checked-in default)
 VARIANTS=${VARIANTS:-"default: gate-lr-1e-3:--gate-lr=1e-3 gate-lr-3e-2:--gate-lr=3e-2 train-rec:--train-rec train-rec-w-rec-1:--train-rec,--w-rec=1"}

@@ -14,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/toy-misread} SEEDS=${SEEDS:-0 1 2} RATES=${RATES:-0 0.1 0.2 0.3} SEEDRUNS=${SEEDRUNS:-runs/toy-seeds}
 PY=${PYTHON:-python3}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # as run.sh: the same figures whatever the core count
 named=()
 for s in $SEEDS; do
   if [ ! -f "$SEEDRUNS/seed$s/01_student_ce.pt" ]; then
