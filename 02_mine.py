@@ -138,6 +138,13 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+# the valid values of the numeric flags, checked before any work (common.check_flags)
+RANGES = {"llm_n": "[1, inf)", "llm_timeout": "(0, inf)", "llm_retries": "[0, inf)", "llm_backoff": "[0, inf)",
+          "llm_give_up": "[0, inf)", "llm_workers": "[1, inf)", "toy_wrong_rate": "[0, 1]", "toy_misread_rate": "[0, 1]",
+          "toy_n": "[1, inf)", "keep": "(0, 1]", "temperature": "(0, inf)", "support_k": "[1, inf)",
+          "image_weight": "[0, inf)", "episodes": "[1, inf)"}
+
+
 # ----------------------------------------------------------------------------------
 # Source 1: language models behind an OpenAI-compatible chat-completions API
 
@@ -155,18 +162,40 @@ def parse_llm_spec(spec):
     the last '@'; the endpoint is URL/chat/completions unless URL already ends so."""
     url, sep, model = spec.rpartition("@")
     if not sep or not url or not model or not url.startswith(("http://", "https://")):
-        raise common.UserError(f"--llm '{redact(spec)}' is not URL@MODEL (e.g. http://localhost:8000/v1@qwen2.5-7b-instruct) "
+        raise common.UserError(f"--llm '{redact_spec(spec)}' is not URL@MODEL (e.g. http://localhost:8000/v1@qwen2.5-7b-instruct) "
                                f"nor toy / toy@SEED")
-    url = url.rstrip("/")
-    return url, (url if url.endswith("/chat/completions") else url + "/chat/completions"), model
+    parts = urllib.parse.urlsplit(url)  # a query string (?api_key=...) stays after the path
+    path = parts.path.rstrip("/")
+    chat_path = path if path.endswith("/chat/completions") else path + "/chat/completions"
+    return urllib.parse.urlunsplit(parts._replace(path=path)), urllib.parse.urlunsplit(parts._replace(path=chat_path)), model
 
 
 def redact(url):
-    """A URL without user:password@, for what is printed or written."""
+    """A URL without user:password@ and without its query string (either may hold a key),
+    for what is printed or written."""
     parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
+    if parts.username is None and parts.password is None and not parts.query and not parts.fragment:
         return url
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
+
+
+def redact_spec(spec):
+    """--llm URL@MODEL as it may be printed or written."""
+    url, sep, model = spec.rpartition("@")
+    return redact(url) + sep + model if sep else redact(spec)
+
+
+def secrets(url, key):
+    """What never reaches a file or the terminal: the API key, and a URL's password and query values."""
+    parts = urllib.parse.urlsplit(url)
+    found = [parts.password] + [v for _, v in urllib.parse.parse_qsl(parts.query)]
+    return [key] * bool(key) + [v for v in found if v and len(v) >= 8]  # 8: not every short value is a secret
+
+
+def drop_secret_lines(text, hidden):
+    """An answer without the lines that hold a secret (a server may echo the request's headers)."""
+    return "\n".join(line for line in text.splitlines() if not any(h in line for h in hidden))
 
 
 def chat(url, model, prompt, key=None, timeout=60.0):
@@ -282,7 +311,8 @@ def ask_llms(llms, names, args, key):
         if args.llm_give_up and streak[src] >= args.llm_give_up:
             return src, name, None, f"skipped: the model failed {args.llm_give_up} classes in a row", False
         try:
-            content = ask(url, model, prompt, key, args.llm_timeout, args.llm_retries, args.llm_backoff)
+            content = drop_secret_lines(ask(url, model, prompt, key, args.llm_timeout, args.llm_retries,
+                                            args.llm_backoff), secrets(url, key))
             texts = parse_descriptions(content, 2 * args.llm_n)
             if not texts:
                 raise LLMError("no usable description in the answer (refused or off-topic?)")
@@ -325,16 +355,20 @@ def ask_llms(llms, names, args, key):
 def load_descriptions_file(path, names):
     """{class name: [texts]} from a JSON file: either class -> list of strings, or the
     02_descriptions.json of an earlier run (its kept non-template candidates)."""
-    if not os.path.exists(path):
-        raise common.UserError(f"--descriptions {path} not found")
+    if not os.path.isfile(path):
+        raise common.UserError(f"--descriptions {path} not found" + (" (it is a folder)" * os.path.isdir(path)))
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise common.UserError(f"--descriptions {path} is not valid JSON ({e})")
     if isinstance(data, dict) and isinstance(data.get("splits"), dict):  # an earlier run's 02_descriptions.json
-        data = {name: [c["text"] for c in entry.get("candidates", []) if c.get("kept") and c.get("source") != "templates"]
-                for split in data["splits"].values() for name, entry in split.items()}
+        try:
+            data = {name: [c["text"] for c in entry.get("candidates", []) if c.get("kept") and c.get("source") != "templates"]
+                    for split in data["splits"].values() for name, entry in split.items()}
+        except (AttributeError, KeyError, TypeError):
+            raise common.UserError(f"--descriptions {path} looks like a 02_descriptions.json but is damaged "
+                                   f"(splits -> class -> candidates -> text): rerun the stage that wrote it")
     if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
                                              for v in data.values()):
         raise common.UserError(f"--descriptions {path} must map class names to lists of strings")
@@ -549,11 +583,10 @@ def wrong_removed(entries):
 def main(argv=None):
     args = get_args(argv)
     t0 = time.time()
-    if not 0 < args.keep <= 1 or args.temperature <= 0 or args.support_k < 1:
-        raise common.UserError("--keep must be in (0, 1], --temperature above 0 and --support-k at least 1")
+    out_path = os.path.join(args.run, args.out)
+    common.check_flags(args, RANGES, out_path, "mine")
     device = common.get_device(args.device)
     common.set_seed(args.seed)
-    out_path = os.path.join(args.run, args.out)
     stem = os.path.splitext(args.out)[0]
     json_path = os.path.join(args.run, (stem.replace("semantics", "descriptions") if "semantics" in stem
                                         else stem + "_descriptions") + ".json")
@@ -644,7 +677,7 @@ def main(argv=None):
                   "wrong_removed_all": removed, "wrong_all": n_wrong, "correct_kept_all": right_kept}
 
     # ---- 5. write the vectors and the readable JSON (neither holds the key)
-    config = vars(args) | {"llm": [redact(s) for s in (args.llm or [])], "out": args.out}
+    config = vars(args) | {"llm": [redact_spec(s) for s in (args.llm or [])], "out": args.out}
     upstream = {x["name"]: x["file_id"] for x in sources if x["kind"] == "file"}
     failed_counts = {src: len(f) for src, f in failures.items()}
     common.save_checkpoint(out_path, "mine", config, args.dataset, classes, state, upstream=upstream,

@@ -64,10 +64,15 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+# the valid values of the numeric flags, checked before any work (common.check_flags)
+RANGES = {"episodes": "[1, inf)", "batch": "[1, inf)"}
+
+
 def load_optional(run, name, stage):
     """A checkpoint, or None when the stage has not been run (its row is then skipped)."""
     path = os.path.join(run, name)
-    return common.load_checkpoint(path, stage, "") if os.path.exists(path) else None
+    hint = "rerun the stage that writes it, or delete it to leave its rows out"
+    return common.load_checkpoint(path, stage, hint) if os.path.exists(path) else None
 
 
 def batched(fn, n, batch):
@@ -77,10 +82,12 @@ def batched(fn, n, batch):
 
 def main(argv=None):
     args = get_args(argv)
+    common.check_flags(args, RANGES)
+    shots = common.parse_list(args.shots, "--shots", int, "shot counts", "1,5")
+    mixes = common.parse_list(args.mixes, "--mixes", float, "fusion coefficients", "0.25,0.5,1")
     device = common.get_device(args.device)
     common.set_seed(args.seed)
     classes = common.class_names(args.dataset, args.data_root)
-    shots = [int(k) for k in args.shots.split(",")]
     run = args.run
     t0 = time.time()
 
@@ -97,10 +104,10 @@ def main(argv=None):
             TEMPLATES["semantics"]: ck["semantics-t"], TEMPLATES["bridge"]: ck["bridge-t"]}  # what later stages build on
     for name, c in [("student", st)] + list(ck.items()):
         if c is not None:
-            common.check_same_world(c, os.path.join(run, name), args.dataset, classes)
+            common.check_same_world(c, c["path"], args.dataset, classes)
             for up, u in made.items():  # a stage rerun since: what was built on it is stale
                 if u is not None:
-                    common.check_upstream(c, os.path.join(run, name), up, u["id"], "rerun the stages after it (see run.sh)")
+                    common.check_upstream(c, c["path"], up, u["id"], "rerun the stages after it (see run.sh)")
     common.check_same_teacher({common.STUDENT: st, common.SEMANTICS: ck["semantics"], TEMPLATES["semantics"]: ck["semantics-t"]})
 
     # ---- features of the novel split, once, shared by every row
@@ -167,7 +174,7 @@ def main(argv=None):
                 vs, vq = common.split_episodes(feats["val"], vidx.to(device), k)
                 acc = {m: common.accuracy_from_logits(torch.einsum("enqd,ecd->enqc", F.normalize(vq, dim=-1),
                        fixed_mix(vs.mean(2), w_sem_val[vcls.to(device)], m))).mean().item()
-                       for m in [float(x) for x in args.mixes.split(",")]}
+                       for m in mixes}
                 best_mix[k] = max(acc, key=acc.get)
             rows["fixed-fusion"] = ("distilled", lambda k, cls, s, q: torch.einsum(
                 "enqd,ecd->enqc", F.normalize(q, dim=-1), fixed_mix(s.mean(2), w_sem[cls], best_mix[k])))

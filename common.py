@@ -11,12 +11,16 @@ common.py: the little every SynTrans stage shares.
 Each stage script (01_distill.py ... 05_eval.py) tells its own story and imports
 only these pieces.
 """
+import errno
 import hashlib
+import io
 import json
 import math
 import os
 import random
+import signal
 import sys
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,10 +59,22 @@ def on_interrupt(hint):
     _interrupt_hint = hint
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a batch system's time limit): handled as a Ctrl-C is, exit code 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def run_main(main):
     """Call a stage's main(); user errors become a one-line message and exit code 2,
-    a Ctrl-C a one-line message and exit code 130. Other exceptions are bugs: traceback."""
+    a Ctrl-C or SIGTERM a one-line message and exit code 130 or 143. Other exceptions are
+    bugs: traceback. Ctrl-C works even where the shell started us with SIGINT ignored
+    (`cmd &` in a script, nohup)."""
     on_interrupt(None)
+    before = {s: signal.signal(s, h) for s, h in [(signal.SIGINT, signal.default_int_handler),
+                                                   (signal.SIGTERM, _terminate)]}
     try:
         main()
     except UserError as e:
@@ -67,16 +83,26 @@ def run_main(main):
             msg = msg.splitlines()[-1].split("UserError: ", 1)[-1]
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         hint = _interrupt_hint() if callable(_interrupt_hint) else _interrupt_hint
         print(f"interrupted: {hint or INTERRUPTED}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def get_device(name=None):
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device '{name}' is not a device: use cpu or cuda (cuda:N for GPU N)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"--device {name}, but torch sees {torch.cuda.device_count()} usable CUDA GPU(s) here "
+                        f"(no driver, or another index): use --device cpu or omit --device")
+    return device
 
 
 def set_seed(seed):
@@ -94,30 +120,34 @@ def file_id(path):
     return h.hexdigest()[:16]
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def _atomic_write(data, path):
+    """Write bytes to a temporary file, then rename: a crash never leaves half a file, and
+    a failed write (disk full, read-only folder) leaves no temporary file and is one line."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:  # Ctrl-C included: no temp file is left behind
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            full = " (the disk is full: free some space)" if e.errno == errno.ENOSPC else ""
+            raise UserError(f"cannot write {path}: {e.strerror or e}{full}; nothing was changed there") from None
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save, atomically (serialised in memory first, so that a full disk is an OSError,
+    not the zip writer's 'unexpected pos')."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _atomic_write(buf.getbuffer(), path)
 
 
 def atomic_write_text(text, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C included: no temp file is left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _atomic_write(text.encode("utf-8"), path)
 
 
 def save_checkpoint(path, stage, config, dataset, classes, state, upstream=None, **extra):
@@ -143,7 +173,7 @@ def load_checkpoint(path, stage, hint):
         raise UserError(f"{path} has checkpoint format {found}, this code reads format {FORMAT_VERSION}: {hint}")
     if ckpt.get("stage") != stage:
         raise UserError(f"{path} was written by stage '{ckpt.get('stage')}', expected '{stage}': {hint}")
-    ckpt["id"] = file_id(path)
+    ckpt["id"], ckpt["path"] = file_id(path), path
     return ckpt
 
 
@@ -179,6 +209,14 @@ def same_teacher(a, b):
     return a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained")
 
 
+def teacher_advice(a, b, rerun):
+    """What to do about two teachers that differ: the same flags with other file content
+    means the weights file itself was replaced since (e.g. in $SYNTRANS_CACHE)."""
+    if a and b and a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained"):
+        return f"the teacher file {a.get('pretrained')} has other content now: rerun the stages from 01_distill.py"
+    return f"{rerun} with the same --clip/--clip-pretrained"
+
+
 def check_same_teacher(ckpts):
     """Refuse upstream checkpoints ({path: checkpoint}) made with different teachers
     (a checkpoint without one, e.g. the CE-only student, is compatible with any)."""
@@ -187,7 +225,7 @@ def check_same_teacher(ckpts):
         if not same_teacher(t, made[0][1]):
             who = [" ".join(str(x[k]) for k in ("name", "pretrained", "file_id") if x.get(k)) for x in (made[0][1], t)]
             raise UserError(f"{made[0][0]} was made with teacher {who[0]} but {p} with {who[1]}: "
-                            f"rerun the stages with the same --clip/--clip-pretrained")
+                            f"{teacher_advice(made[0][1], t, 'rerun the stages')}")
 
 
 def check_upstream(ckpt, path, name, expected_id, hint):
@@ -205,7 +243,48 @@ def check_same_world(ckpt, path, dataset, classes=None, teacher=None):
         raise UserError(f"{path} was built with other class names than dataset '{dataset}' has now: rerun that stage")
     if teacher is not None and not same_teacher(ckpt.get("teacher"), teacher):
         raise UserError(f"{path} was built with teacher {ckpt.get('teacher')}, not {teacher}: "
-                        f"rerun that stage with the same --clip/--clip-pretrained")
+                        f"{teacher_advice(ckpt.get('teacher'), teacher, 'rerun that stage')}")
+
+
+def check_flags(args, ranges, out=None, stage=None):
+    """Refuse, before any work, flags a stage cannot use: a number outside its interval
+    (`ranges` maps a flag's attribute name to an interval such as "(0, inf)" or "[0, 1)";
+    NaN lies in none), a --run folder that cannot be written and, when `out` is given, a
+    file there that is not an earlier output of `stage` (it is never replaced)."""
+    for name, interval in {"seed": "[0, 4294967295]", **ranges}.items():  # numpy takes 32-bit seeds
+        value, (lo, hi) = getattr(args, name), (float(x) for x in interval[1:-1].split(","))
+        if not ((lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)):
+            raise UserError(f"--{name.replace('_', '-')} {value} is out of range: use a value in {interval}")
+    folder = os.path.abspath(args.run)
+    while not os.path.exists(folder):  # the part of --run that exists already
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"--run {args.run}: {folder} is a file, not a folder: choose another --run")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"--run {args.run} cannot be written ({e.strerror}): choose a folder you can write to") from None
+    if out is not None:
+        check_output(out, stage)
+
+
+def check_output(path, stage):
+    """Refuse to replace a file that is not a checkpoint of `stage` (stage 2 with --out
+    01_student.pt would destroy hours of training): checked before any work."""
+    name = os.path.basename(path)
+    if not name.endswith(".pt") or name == ".pt":
+        raise UserError(f"--out '{name}' is not a checkpoint file name: use a name ending in .pt")
+    if not os.path.lexists(path):
+        return
+    try:
+        found = torch.load(path, map_location="cpu", weights_only=True)
+        found = found.get("stage") if isinstance(found, dict) else None
+    except Exception:
+        found = None
+    if found != stage:
+        what = f"a checkpoint of stage '{found}'" if found else "not a checkpoint"
+        raise UserError(f"{path} exists and is {what}; this stage ('{stage}') does not replace it: "
+                        f"choose another --out, or delete the file first")
 
 
 def add_common_args(p, dataset="toy", clip="toy-clip"):
@@ -567,8 +646,12 @@ def load_teacher(name, pretrained=None, device="cpu"):
                         f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'})")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
-    except RuntimeError as e:
-        if "download" in str(e).lower():
+    except Exception as e:
+        if pretrained and os.path.isfile(pretrained):  # truncated, empty, random bytes, another model's weights
+            again = "it is trained again on the next run" if name in TOY_TEACHERS else "pass a good weights file"
+            raise UserError(f"{pretrained} is not a readable weights file of {arch} ({type(e).__name__}): "
+                            f"delete it ({again})") from None
+        if isinstance(e, RuntimeError) and "download" in str(e).lower():
             raise UserError(f"could not fetch the weights of {arch}/{pretrained} (offline?): download them once "
                             f"on a connected machine and pass the file with --clip-pretrained")
         raise
@@ -579,9 +662,14 @@ def load_teacher(name, pretrained=None, device="cpu"):
     return model, preprocess, tokenizer, ident
 
 
+TEXT_CHARS = 1000  # far more than 77 tokens of any text
+
+
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts, device, batch=256):
-    """L2-normalised text embeddings [len(texts), m]."""
+    """L2-normalised text embeddings [len(texts), m]. CLIP reads 77 tokens at most, so each text
+    is cut to TEXT_CHARS characters first (its tokenizer is super-linear in a long word)."""
+    texts = [t[:TEXT_CHARS] for t in texts]
     out = [model.encode_text(tokenizer(texts[i:i + batch]).to(device)).float() for i in range(0, len(texts), batch)]
     return F.normalize(torch.cat(out), dim=-1).cpu()
 
@@ -662,14 +750,24 @@ def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, seed):
     return classes, index
 
 
+def parse_list(text, flag, kind=int, what="numbers", example="1,5", n=None, low=None):
+    """'1,5' -> [1, 5]; anything else (an empty item, a word, nan; not `n` values, one below
+    `low`) is refused in one line."""
+    try:
+        values = [kind(x) for x in str(text).split(",")]
+    except ValueError:
+        values = None
+    if (not values or not all(math.isfinite(v) for v in values) or (n and len(values) != n)
+            or (low is not None and min(values) < low)):
+        raise UserError(f"{flag}: '{text}' is not a comma-separated list of {what} such as {example}")
+    return values
+
+
 def check_episodes(split, n_way, shots, n_query, flags=None, min_shot=1):
     """Refuse, before any training, N-way episodes with `shots` (an int, or a string such as
     "1,5") support and n_query query images per class that `split` cannot supply. `flags`
     names the command-line flags that set them. Returns the shot counts as a list of ints."""
-    try:
-        shots = [int(k) for k in str(shots).split(",")]
-    except ValueError:
-        raise UserError(f"{flags or 'shots'}: '{shots}' is not a comma-separated list of shot counts such as 1,5")
+    shots = parse_list(shots, flags or "shots", int, "shot counts", "1,5")
     fix = f": lower {flags}" if flags else ": the dataset is incomplete (python common.py check warns about such classes)"
     if n_way < 2 or min(shots) < min_shot or n_query < 1:
         raise UserError(f"{n_way}-way {','.join(map(str, shots))}-shot episodes with {n_query} queries: use at "
