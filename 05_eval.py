@@ -71,7 +71,7 @@ RANGES = {"episodes": "[1, inf)", "batch": "[1, inf)"}
 def load_optional(run, name, stage):
     """A checkpoint, or None when the stage has not been run (its row is then skipped)."""
     path = os.path.join(run, name)
-    hint = "rerun the stage that writes it, or delete it to leave its rows out"
+    hint = "rerun the stage that writes it (or leave it deleted: its rows are then skipped)"
     return common.load_checkpoint(path, stage, hint) if os.path.exists(path) else None
 
 

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -476,16 +477,30 @@ def _make_split(dataset, split, classes, labels, where, **data):
     return Split(dataset, split, [n for _, n in classes], labels, ids=[c for c, _ in classes], **data)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """A pickle reader that admits only what the official CIFAR-100 files hold: dicts, lists,
+    bytes, str, ints and numpy arrays. Any other global (os.system, eval, ...) is refused
+    before it can run: a dataset folder is data, never code."""
+    ALLOWED = {(m, n) for core in ("numpy.core", "numpy._core") for m, n in [
+        (f"{core}.multiarray", "_reconstruct"), (f"{core}.multiarray", "scalar"), (f"{core}.numeric", "_frombuffer")]}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # encode: bytes in protocol 2
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks to run {module}.{name}, which no CIFAR-100 file holds")
+        return super().find_class(module, name)
+
+
 def read_cifar100(root):
     """CIFAR-100 train + test from the 'python version' pickles, read with our own few lines
-    (torchvision's reader verifies checksums): (uint8 images [N,3,32,32], fine labels [N], fine names)."""
-    import pickle
+    (torchvision's reader verifies checksums) and a restricted unpickler:
+    (uint8 images [N,3,32,32], fine labels [N], fine names)."""
     parts = []
     for name in ("meta", "train", "test"):
         path = os.path.join(root, "cifar-100-python", name)
         try:  # the official files hold a dict with bytes keys (b"data", b"fine_labels", ...)
             with open(path, "rb") as f:
-                d = {k.decode() if isinstance(k, bytes) else k: v for k, v in pickle.load(f, encoding="bytes").items()}
+                d = {k.decode() if isinstance(k, bytes) else k: v for k, v in _CifarUnpickler(f, encoding="bytes").load().items()}
             if name == "meta":
                 names = [n.decode() if isinstance(n, bytes) else n for n in d["fine_label_names"]]
             else:  # "data": a row of 3072 bytes per image, its red, green and blue 32x32 planes
