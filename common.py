@@ -655,7 +655,7 @@ def resolve_teacher(name, pretrained):
 def load_teacher(name, pretrained=None, device="cpu"):
     """Returns (model in eval mode with frozen parameters, image preprocess, tokenizer, identity)."""
     import open_clip
-    arch, pretrained = resolve_teacher(name, pretrained)
+    given, (arch, pretrained) = pretrained, resolve_teacher(name, pretrained)
     if pretrained and not os.path.exists(pretrained) and pretrained not in open_clip.list_pretrained_tags_by_model(arch):
         raise UserError(f"--clip-pretrained '{pretrained}' is neither a file nor an open_clip tag of {arch} "
                         f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'})")
@@ -663,7 +663,7 @@ def load_teacher(name, pretrained=None, device="cpu"):
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
     except Exception as e:
         if pretrained and os.path.isfile(pretrained):  # truncated, empty, random bytes, another model's weights
-            again = "it is trained again on the next run" if name in TOY_TEACHERS else "pass a good weights file"
+            again = "pass a good weights file" if given else "it is trained again on the next run"
             raise UserError(f"{pretrained} is not a readable weights file of {arch} ({type(e).__name__}): "
                             f"delete it ({again})") from None
         if isinstance(e, RuntimeError) and "download" in str(e).lower():

@@ -408,3 +408,202 @@ def test_sigint_mid_epoch_then_resume_gives_the_uninterrupted_result(base_run, t
         assert ref["state"][part].keys() == got["state"][part].keys()
         for k, v in ref["state"][part].items():
             assert torch.equal(v, got["state"][part][k]), (part, k)
+
+
+# ----------------------------------------------------------------------------------
+# Issue 15: every numeric flag, the run folder and the output name are checked before
+# any work; nothing is created, not even the run folder
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable CUDA GPU")
+
+
+@pytest.mark.parametrize("name,argv,parts", [
+    ("01_distill", ["--distill-weight", "-1"], ["--distill-weight -1.0 is out of range", "[0, inf)"]),
+    ("01_distill", ["--distill-weight", "nan"], ["--distill-weight nan is out of range"]),
+    ("01_distill", ["--drop-rate", "2"], ["--drop-rate 2.0 is out of range", "[0, 1)"]),
+    ("01_distill", ["--val-episodes", "0"], ["--val-episodes 0 is out of range"]),
+    ("01_distill", ["--val-every", "0"], ["--val-every 0 is out of range"]),
+    ("01_distill", ["--lr", "-1"], ["--lr -1.0 is out of range", "(0, inf)"]),
+    ("01_distill", ["--weight-decay", "-1"], ["--weight-decay -1.0 is out of range"]),
+    ("01_distill", ["--temperature", "0"], ["--temperature 0.0 is out of range"]),
+    ("01_distill", ["--seed", "-1"], ["--seed -1 is out of range"]),
+    ("01_distill", ["--workers", "-1"], ["--workers -1 is out of range"]),
+    ("01_distill", ["--widths", "a,b"], ["--widths: 'a,b' is not a comma-separated list of four channel counts"]),
+    ("01_distill", ["--widths", "16,32"], ["--widths: '16,32' is not"]),
+    ("01_distill", ["--device", "gpu"], ["--device 'gpu' is not a device: use cpu or cuda"]),
+    pytest.param("01_distill", ["--device", "cuda"], ["--device cuda, but torch sees 0 usable CUDA GPU(s)"],
+                 marks=NO_CUDA),
+    ("01_distill", ["--out", "student"], ["--out 'student' is not a checkpoint file name"]),
+    ("02_mine", ["--image-weight", "nan"], ["--image-weight nan is out of range"]),
+    ("02_mine", ["--toy-wrong-rate", "2"], ["--toy-wrong-rate 2.0 is out of range", "[0, 1]"]),
+    ("02_mine", ["--toy-n", "-5"], ["--toy-n -5 is out of range"]),
+    ("02_mine", ["--toy-misread-rate", "-1"], ["--toy-misread-rate -1.0 is out of range"]),
+    ("02_mine", ["--compare", "--episodes", "0"], ["--episodes 0 is out of range"]),
+    ("02_mine", ["--llm-retries", "-1"], ["--llm-retries -1 is out of range"]),
+    ("02_mine", ["--llm-timeout", "-1"], ["--llm-timeout -1.0 is out of range"]),
+    ("02_mine", ["--out", ""], ["--out '' is not a checkpoint file name"]),
+    ("03_bridge", ["--hidden", "0"], ["--hidden 0 is out of range"]),
+    ("03_bridge", ["--mix", "nan"], ["--mix nan is out of range"]),
+    ("03_bridge", ["--batch-size", "0"], ["--batch-size 0 is out of range"]),
+    ("03_bridge", ["--dropout", "1.5"], ["--dropout 1.5 is out of range"]),
+    ("03_bridge", ["--lr", "nan"], ["--lr nan is out of range"]),
+    ("03_bridge", ["--lr", "-1"], ["--lr -1.0 is out of range"]),
+    ("03_bridge", ["--val-episodes", "0"], ["--val-episodes 0 is out of range"]),
+    ("03_bridge", ["--out", ""], ["--out '' is not a checkpoint file name"]),
+    ("04_classifier", ["--episodes-per-step", "0"], ["--episodes-per-step 0 is out of range"]),
+    ("04_classifier", ["--val-episodes", "0"], ["--val-episodes 0 is out of range"]),
+    ("04_classifier", ["--lr", "nan"], ["--lr nan is out of range"]),
+    ("04_classifier", ["--lr", "-1"], ["--lr -1.0 is out of range"]),
+    ("04_classifier", ["--hidden", "-1"], ["--hidden -1 is out of range"]),
+    ("04_classifier", ["--gate-lr", "nan"], ["--gate-lr nan is out of range"]),
+    ("05_eval", ["--episodes", "0"], ["--episodes 0 is out of range"]),
+    ("05_eval", ["--episodes", "-5"], ["--episodes -5 is out of range"]),
+    ("05_eval", ["--batch", "0"], ["--batch 0 is out of range"]),
+    ("05_eval", ["--mixes", "x"], ["--mixes: 'x' is not a comma-separated list of fusion coefficients"]),
+    ("05_eval", ["--mixes", ""], ["--mixes: '' is not a comma-separated list"]),
+    ("05_eval", ["--shots", "1,x"], ["--shots: '1,x' is not a comma-separated list of shot counts"]),
+])
+def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, name, argv, parts):
+    run = tmp_path / "run"
+    code, _, err = run_stage(capsys, name, "--run", str(run), *WORLD, *argv)
+    one_line_error(code, err, *parts)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["01_distill", "02_mine", "03_bridge", "04_classifier", "05_eval"])
+@pytest.mark.parametrize("where", ["a-file", "under-a-file", "read-only"])
+def test_a_run_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, name, where):
+    (tmp_path / "f").write_text("x")
+    run = {"a-file": tmp_path / "f", "under-a-file": tmp_path / "f" / "run", "read-only": tmp_path / "ro"}[where]
+    if where == "read-only":
+        run.mkdir()
+        run.chmod(0o555)
+        if os.access(run, os.W_OK):  # root writes anywhere: simulate the read-only folder
+            def refused(*a, **k):
+                raise PermissionError(13, "Permission denied")
+            monkeypatch.setattr(common.tempfile, "TemporaryFile", refused)
+    code, _, err = run_stage(capsys, name, "--run", str(run), *WORLD)
+    one_line_error(code, err, *(["cannot be written (Permission denied): choose a folder you can write to"]
+                                if where == "read-only" else [f"{tmp_path / 'f'} is a file, not a folder"]))
+    assert sorted(os.listdir(tmp_path)) == (["f", "ro"] if where == "read-only" else ["f"])
+    assert (tmp_path / "f").read_text() == "x" and (where != "read-only" or os.listdir(run) == [])
+    run.chmod(0o755) if where == "read-only" else None
+
+
+def disk_full(monkeypatch, after=0):
+    """Every file written for writing ('wb') fails as on a full disk (a 2 MB tmpfs as --run
+    shows the same; mounting one needs root, so it is simulated here)."""
+    real = open
+
+    def fake_open(path, mode="r", *a, **k):
+        f = real(path, mode, *a, **k)
+        if "w" in mode:
+            def write(data):
+                raise OSError(28, "No space left on device")
+            f.write = write
+        return f
+    monkeypatch.setattr(common, "open", fake_open, raising=False)
+
+
+def test_disk_full_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    common.atomic_write_text("old\n", str(tmp_path / "results.json"))
+    disk_full(monkeypatch)
+    for write in (lambda: common.atomic_save({"x": torch.zeros(3)}, str(tmp_path / "a.pt")),
+                  lambda: common.atomic_write_text("new\n", str(tmp_path / "results.json"))):
+        with pytest.raises(common.UserError, match="No space left on device .the disk is full: free some space.; "
+                                                    "nothing was changed there"):
+            write()
+    assert os.listdir(tmp_path) == ["results.json"] and (tmp_path / "results.json").read_text() == "old\n"
+
+
+def test_stage3_on_a_full_disk_says_so_in_one_line(full_run, tmp_path, capsys, monkeypatch):
+    run = copy_run(full_run, tmp_path / "run", common.STUDENT, common.SEMANTICS)
+    before = sorted(os.listdir(run))
+    disk_full(monkeypatch)
+    code, _, err = run_stage(capsys, "03_bridge", "--run", run, *WORLD, "--epochs", "1", "--val-episodes", "10",
+                             "--hidden", "16")
+    one_line_error(code, err, f"cannot write {os.path.join(run, common.BRIDGE)}: No space left on device (the disk "
+                              f"is full")
+    assert sorted(os.listdir(run)) == before
+
+
+@pytest.mark.parametrize("name,out,argv", [
+    ("02_mine", common.STUDENT, ["--sources", "templates"]),
+    ("03_bridge", common.STUDENT, []),
+    ("04_classifier", common.BRIDGE, []),
+    ("01_distill", common.SEMANTICS, []),
+])
+def test_a_stage_does_not_replace_another_stages_checkpoint(full_run, tmp_path, capsys, name, out, argv):
+    run = copy_run(full_run, tmp_path / "run", common.STUDENT, common.SEMANTICS, common.BRIDGE)
+    before = {f: common.file_id(os.path.join(run, f)) for f in (common.STUDENT, common.SEMANTICS, common.BRIDGE)}
+    code, _, err = run_stage(capsys, name, "--run", run, *WORLD, "--out", out, *argv)
+    one_line_error(code, err, f"{os.path.join(run, out)} exists and is a checkpoint of stage",
+                   "choose another --out, or delete the file first")
+    assert {f: common.file_id(os.path.join(run, f)) for f in before} == before
+    assert sorted(os.listdir(run)) == sorted(["cache", *before])
+
+
+# ----------------------------------------------------------------------------------
+# Issue 15: what the stages read: a CIFAR pickle runs nothing, a damaged teacher file,
+# descriptions files that are folders, damaged or hold one enormous word
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_cifar_pickle_runs_nothing(tmp_path, capsys):
+    import pickle
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": Payload(marker)}))
+    code, _, err = run_stage(capsys, "01_distill", "--run", str(tmp_path / "run"), "--dataset", "cifar-fs",
+                             "--data-root", str(tmp_path), "--clip", "toy-clip-tiny")
+    one_line_error(code, err, f"{folder / 'meta'} is not a CIFAR-100 python-version pickle (UnpicklingError: it asks "
+                              f"to run posix.system, which no CIFAR-100 file holds)")
+    assert not marker.exists() and sorted(os.listdir(tmp_path)) == ["cifar-100-python"]
+
+
+@pytest.mark.parametrize("damage", ["empty", "random-bytes", "truncated"])
+@pytest.mark.parametrize("where", ["--clip-pretrained", "$SYNTRANS_CACHE"])
+def test_a_damaged_teacher_file_is_one_line(tmp_path, capsys, monkeypatch, damage, where):
+    good = common.resolve_teacher("toy-clip-tiny", None)[1]  # the tests' cached toy teacher
+    cache = tmp_path / "cache"
+    path = cache / os.path.basename(good) if where == "$SYNTRANS_CACHE" else tmp_path / "teacher.pt"
+    cache.mkdir()
+    path.write_bytes({"empty": b"", "random-bytes": os.urandom(5000),
+                      "truncated": open(good, "rb").read()[:20000]}[damage])
+    monkeypatch.setenv("SYNTRANS_CACHE", str(cache))
+    argv = ["--clip-pretrained", str(path)] if where == "--clip-pretrained" else []
+    code, _, err = run_stage(capsys, "01_distill", "--run", str(tmp_path / "run"), *TINY01, *argv)
+    one_line_error(code, err, f"{path} is not a readable weights file of toy-clip (",
+                   "it is trained again on the next run" if where == "$SYNTRANS_CACHE" else "pass a good weights file")
+    assert not os.path.exists(tmp_path / "run")  # refused before anything was written
+
+
+@pytest.mark.parametrize("content,parts", [
+    (None, ["not found (it is a folder)"]),
+    ({"splits": {"train": {"a": "not a dict"}}}, ["looks like a 02_descriptions.json but is damaged"]),
+    ({"splits": {"train": {"a": {"candidates": [1, 2]}}}}, ["looks like a 02_descriptions.json but is damaged"]),
+    ({"splits": {"train": {"a": {"candidates": [{"kept": True}]}}}}, ["looks like a 02_descriptions.json"]),
+    ({"splits": {"train": ["a"]}}, ["looks like a 02_descriptions.json but is damaged"]),
+])
+def test_stage2_refuses_descriptions_that_are_folders_or_damaged(tmp_path, capsys, content, parts):
+    import json
+    path = tmp_path / "d.json"
+    path.mkdir() if content is None else path.write_text(json.dumps(content))
+    code, _, err = run_stage(capsys, "02_mine", "--run", str(tmp_path / "run"), *WORLD, "--sources",
+                             "templates,files", "--descriptions", str(path))
+    one_line_error(code, err, f"--descriptions {path}", *parts)
+    assert sorted(os.listdir(tmp_path)) == ["d.json"]
+
+
+def test_an_enormous_description_is_cut_before_clips_tokenizer(toy_teacher):
+    model, _, tokenizer, _ = toy_teacher
+    word = "stripe" * 200_000  # 1.2 MB in one word: hours in the tokenizer if not cut first
+    assert torch.equal(common.encode_texts(model, tokenizer, [word, "a red circle"], "cpu"),
+                       common.encode_texts(model, tokenizer, [word[:common.TEXT_CHARS], "a red circle"], "cpu"))
