@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -370,23 +369,48 @@ def test_stage1_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(base_r
 # ----------------------------------------------------------------------------------
 # Ctrl-C mid-epoch, then --resume: the same student as an uninterrupted run
 
+# The child runs stage 1 and sends itself the signal at a fixed point (epoch 2, step 2: 5
+# steps an epoch), so nothing depends on timing; it starts with SIGINT ignored, as under
+# `cmd &` in a script or nohup, so the stage must restore Ctrl-C itself.
+CHILD = """
+import os, signal, sys
+import common
+distill = __import__("01_distill")
+real, calls = distill.info_nce, []
+def info_nce(*a):
+    calls.append(1)
+    if len(calls) == 7:
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return real(*a)
+distill.info_nce = info_nce
+common.run_main(lambda: distill.main(sys.argv[2:]))
+"""
+
+
+def interrupt_stage1(run, signame):
+    """Run stage 1 in a child that gets `signame` mid-epoch 2: (exit code, stderr)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SYNTRANS_CACHE=os.path.join(REPO, ".cache", "tests"),
+               OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", CHILD, signame, "--run", run, *TINY01], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    return proc.returncode, proc.stderr
+
+
+def test_sigterm_mid_epoch_is_one_line_and_leaves_no_temporary_file(base_run, tmp_path):
+    run = copy_run(base_run, tmp_path / "run")
+    code, err = interrupt_stage1(run, "SIGTERM")
+    last = os.path.join(run, "01_student.last.pt")
+    assert code == 143 and err == f"interrupted: the last completed epoch is kept in {last}: rerun the same " \
+                                  f"command with --resume to continue\n", err
+    assert sorted(os.listdir(run)) == ["01_student.last.pt", "cache"]
+
+
 def test_sigint_mid_epoch_then_resume_gives_the_uninterrupted_result(base_run, tmp_path, capsys):
     run = copy_run(base_run, tmp_path / "run")
     last = os.path.join(run, "01_student.last.pt")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", SYNTRANS_CACHE=os.path.join(REPO, ".cache", "tests"),
-               OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=REPO)
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "01_distill.py"), "--run", run, *TINY01],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not os.path.exists(last) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert os.path.exists(last), proc.communicate()
-        proc.send_signal(signal.SIGINT)  # as Ctrl-C does: epoch 2 has just begun
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
+    code, err = interrupt_stage1(run, "SIGINT")
+    assert code == 130, err
     assert err == f"interrupted: the last completed epoch is kept in {last}: rerun the same command with --resume " \
                   f"to continue\n"
     assert common.load_checkpoint(last, "distill-last", "")["epoch"] == 1
@@ -607,3 +631,53 @@ def test_an_enormous_description_is_cut_before_clips_tokenizer(toy_teacher):
     word = "stripe" * 200_000  # 1.2 MB in one word: hours in the tokenizer if not cut first
     assert torch.equal(common.encode_texts(model, tokenizer, [word, "a red circle"], "cpu"),
                        common.encode_texts(model, tokenizer, [word[:common.TEXT_CHARS], "a red circle"], "cpu"))
+
+
+# ----------------------------------------------------------------------------------
+# Issue 15: messages that said the wrong thing
+
+def test_ctrl_c_beside_an_older_runs_resume_file_does_not_advise_resume(base_run, tmp_path, capsys, monkeypatch):
+    run = copy_run(base_run, tmp_path / "run")
+    last = os.path.join(run, "01_student.last.pt")
+    shutil.copy(os.path.join(base_run, "01_student.last.pt"), last)  # an older run, with --lr 0.05
+
+    def info_nce(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(stage("01_distill"), "info_nce", info_nce)
+    before = common.file_id(last)
+    code, _, err = run_stage(capsys, "01_distill", "--run", run, *TINY01, "--lr", "0.1")
+    assert code == 130, err
+    last_line = err.replace("\r", "\n").rstrip().split("\n")[-1]
+    assert last_line == "interrupted: no epoch had finished, nothing to resume: rerun"
+    assert common.file_id(last) == before
+
+
+def test_the_resume_file_lies_beside_the_result_whatever_the_run_folder_is_called(base_run, tmp_path, capsys):
+    run = copy_run(base_run, tmp_path / "my.pt.run")
+    code, _, err = run_stage(capsys, "01_distill", "--run", run, *TINY01, "--epochs", "1")
+    assert code == 0, err
+    assert sorted(os.listdir(run)) == ["01_student.last.pt", "01_student.pt", "cache"]
+    assert sorted(os.listdir(tmp_path)) == ["my.pt.run"]
+
+
+def test_stage5_names_the_file_it_refuses(full_run, tmp_path, capsys):
+    run = copy_run(full_run, tmp_path / "run", common.STUDENT, common.SEMANTICS, common.BRIDGE)
+    ck = torch.load(os.path.join(run, common.BRIDGE), weights_only=True)
+    ck["dataset"] = "toy"
+    torch.save(ck, os.path.join(run, common.BRIDGE))
+    code, _, err = run_stage(capsys, "05_eval", "--run", run, *WORLD)
+    one_line_error(code, err, f"{os.path.join(run, common.BRIDGE)} was built on dataset 'toy'")
+    (tmp_path / "run" / common.BRIDGE).write_bytes(b"garbage")
+    code, _, err = run_stage(capsys, "05_eval", "--run", run, *WORLD)
+    err = one_line_error(code, err, f"{os.path.join(run, common.BRIDGE)} is not a readable checkpoint")
+    assert err.endswith("delete it and rerun the stage that writes it (or leave it deleted: its rows are then skipped)")
+    assert not os.path.exists(os.path.join(run, common.RESULTS))
+
+
+def test_a_teacher_file_replaced_since_says_to_rerun_not_to_pass_the_same_flags(base_run, tmp_path, capsys):
+    run = copy_run(base_run, tmp_path / "run", common.STUDENT)
+    teacher = torch.load(os.path.join(run, common.STUDENT), weights_only=True)["teacher"]
+    fake_semantics(run, dict(teacher, file_id="0123456789abcdef"))  # the same flags, another file content
+    code, _, err = run_stage(capsys, "03_bridge", "--run", run, *WORLD)
+    one_line_error(code, err, f"the teacher file {teacher['pretrained']} has other content now: rerun the stages "
+                              f"from 01_distill.py")
