@@ -78,7 +78,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -329,9 +328,9 @@ def ask_llms(llms, names, args, key):
 
     jobs = [(src, url, model, name) for name in names for src, url, model in llms]
     hits, gave_up = 0, set()
-    pool = ThreadPoolExecutor(max(1, args.llm_workers))
+    stop = threading.Event()
     try:
-        bar = tqdm(pool.map(lambda j: job(*j), jobs), total=len(jobs), desc="asking language models")
+        bar = tqdm(in_threads(job, jobs, args.llm_workers, stop), total=len(jobs), desc="asking language models")
         for src, name, texts, error, cached in bar:
             hits += cached
             if error is None:
@@ -344,9 +343,36 @@ def ask_llms(llms, names, args, key):
                     gave_up.add(src)
                     tqdm.write(f"  {src}: failed {args.llm_give_up} classes in a row: its remaining classes are skipped")
     finally:  # on Ctrl-C, do not go on asking the questions still queued (the answers so far are cached)
-        pool.shutdown(wait=False, cancel_futures=True)
+        stop.set()
     print(f"language models: {len(jobs)} questions, {hits} answered from the cache in {args.run}/cache/llm/")
     return answers, failures
+
+
+def in_threads(fn, jobs, workers, stop):
+    """fn(*job) for every job, `workers` at a time, yielded in the order of `jobs`. The threads
+    are daemons and take no new job once `stop` is set: a Ctrl-C exits at once, without
+    waiting for the requests in flight (up to minutes with timeouts and retries)."""
+    results, done = [None] * len(jobs), [threading.Event() for _ in jobs]
+    todo, lock = iter(range(len(jobs))), threading.Lock()
+
+    def worker():
+        while not stop.is_set():
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                results[i] = fn(*jobs[i])
+            except BaseException as e:  # a bug in fn: raised in the caller's thread
+                results[i] = e
+            done[i].set()
+    for _ in range(max(1, min(workers, len(jobs)))):
+        threading.Thread(target=worker, daemon=True).start()
+    for i in range(len(jobs)):
+        done[i].wait()
+        if isinstance(results[i], BaseException):
+            raise results[i]
+        yield results[i]
 
 
 # ----------------------------------------------------------------------------------
@@ -680,13 +706,13 @@ def main(argv=None):
     config = vars(args) | {"llm": [redact_spec(s) for s in (args.llm or [])], "out": args.out}
     upstream = {x["name"]: x["file_id"] for x in sources if x["kind"] == "file"}
     failed_counts = {src: len(f) for src, f in failures.items()}
-    common.save_checkpoint(out_path, "mine", config, args.dataset, classes, state, upstream=upstream,
-                           teacher=teacher_id, sources=[x["name"] for x in sources], failures=failed_counts)
     doc = {"dataset": args.dataset, "teacher": teacher_id, "checkpoint": args.out, "config": config,
            "sources": sources, "failures": failures, "compare": report,
            "splits": {s: {n: {"kept": sum(c["kept"] for c in candidates[(s, i)]), "candidates": candidates[(s, i)]}
                           for i, n in enumerate(classes[s])} for s in common.SPLITS}}
-    common.atomic_write_text(json.dumps(doc, ensure_ascii=False, indent=1), json_path)
+    common.save_checkpoint(out_path, "mine", config, args.dataset, classes, state, upstream=upstream,
+                           teacher=teacher_id, sources=[x["name"] for x in sources], failures=failed_counts,
+                           together={json_path: json.dumps(doc, ensure_ascii=False, indent=1)})  # one step
     print(f"wrote {out_path} ({', '.join(f'{s} {tuple(state[s].shape)}' for s in common.SPLITS)}) "
           f"and {json_path} ({time.time() - t0:.0f}s)")
 

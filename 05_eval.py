@@ -222,9 +222,9 @@ def main(argv=None):
            "seconds": {"features": round(seconds_features, 2), "episodes": round(seconds_episodes, 2)}}
     if ck["bridge"] is not None and ck["semantics"] is not None:
         out["fixed_fusion_mix"] = {str(k): v for k, v in best_mix.items()}
-    common.atomic_write_text(json.dumps(out, indent=2) + "\n", os.path.join(run, common.RESULTS))
     table = markdown(out, shots)
-    common.atomic_write_text(table, os.path.join(run, "results.md"))
+    common.write_files({os.path.join(run, common.RESULTS): (json.dumps(out, indent=2) + "\n").encode(),
+                        os.path.join(run, "results.md"): table.encode()})  # one step: both describe this run
     print(table)
 
     if args.benchmark:

@@ -11,6 +11,7 @@ common.py: the little every SynTrans stage shares.
 Each stage script (01_distill.py ... 05_eval.py) tells its own story and imports
 only these pieces.
 """
+import contextlib
 import errno
 import hashlib
 import io
@@ -22,6 +23,7 @@ import random
 import signal
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,44 +123,81 @@ def file_id(path):
     return h.hexdigest()[:16]
 
 
-def _atomic_write(data, path):
-    """Write bytes to a temporary file, then rename: a crash never leaves half a file, and
-    a failed write (disk full, read-only folder) leaves no temporary file and is one line."""
-    tmp = f"{path}.tmp{os.getpid()}"
+def write_files(files):
+    """Write {path: bytes} as one step: each file to a temporary file, then all renamed. A
+    crash never leaves half a file; a failed write (disk full, read-only folder) changes
+    none of them, leaves no temporary file and is one line. Several files (02_semantics.pt
+    and 02_descriptions.json, results.json and results.md) always describe the same run:
+    Ctrl-C and SIGTERM wait until all are renamed, and another run's renames until ours are done."""
+    tmps = {path: f"{path}.tmp{os.getpid()}" for path in files}
+    path = None
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        for path, data in files.items():
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(tmps[path], "wb") as f:
+                f.write(data)
+        path = None
+        with _one_step(files):
+            for path in files:
+                os.replace(tmps[path], path)
     except BaseException as e:  # Ctrl-C included: no temp file is left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
         if isinstance(e, OSError):
             full = " (the disk is full: free some space)" if e.errno == errno.ENOSPC else ""
-            raise UserError(f"cannot write {path}: {e.strerror or e}{full}; nothing was changed there") from None
+            raise UserError(f"cannot write {path or ', '.join(files)}: {e.strerror or e}{full}; "
+                            f"nothing was changed there") from None
         raise
 
 
-def atomic_save(obj, path):
-    """torch.save, atomically (serialised in memory first, so that a full disk is an OSError,
+@contextlib.contextmanager
+def _one_step(files):
+    """Renames of several files: the first folder locked against other runs' renames, and
+    Ctrl-C / SIGTERM held back until the end (the main thread handles signals)."""
+    if len(files) < 2 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import fcntl
+    pending, fd = [], os.open(os.path.dirname(os.path.abspath(next(iter(files)))), os.O_RDONLY)
+    before = {s: signal.signal(s, lambda n, _: pending.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+        for s, h in before.items():
+            signal.signal(s, h)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def checkpoint_bytes(obj):
+    """torch.save into memory (so that a full disk is an OSError when the bytes are written,
     not the zip writer's 'unexpected pos')."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    _atomic_write(buf.getbuffer(), path)
+    return buf.getbuffer()
+
+
+def atomic_save(obj, path, together=None):
+    """torch.save, atomically; `together` ({path: text}): files written in the same step."""
+    write_files({path: checkpoint_bytes(obj), **{p: t.encode("utf-8") for p, t in (together or {}).items()}})
 
 
 def atomic_write_text(text, path):
-    _atomic_write(text.encode("utf-8"), path)
+    write_files({path: text.encode("utf-8")})
 
 
-def save_checkpoint(path, stage, config, dataset, classes, state, upstream=None, **extra):
+def save_checkpoint(path, stage, config, dataset, classes, state, upstream=None, together=None, **extra):
     """Every checkpoint is a plain dict of tensors, numbers and strings, so that it
     loads with torch.load(weights_only=True). It records what made it: the stage,
     its config, the dataset and class names per split, and the upstream checkpoints
-    (name -> content id) it was built on, so that the next stage can refuse a mismatch."""
+    (name -> content id) it was built on, so that the next stage can refuse a mismatch.
+    `together` ({path: text}): files that describe the same run, written in the same step."""
     ckpt = dict(format=FORMAT_VERSION, stage=stage, config=config, dataset=dataset,
                 classes=classes, state=state, upstream=upstream or {}, **extra)
-    atomic_save(ckpt, path)
+    atomic_save(ckpt, path, together)
 
 
 def load_checkpoint(path, stage, hint):

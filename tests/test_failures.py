@@ -681,3 +681,42 @@ def test_a_teacher_file_replaced_since_says_to_rerun_not_to_pass_the_same_flags(
     code, _, err = run_stage(capsys, "03_bridge", "--run", run, *WORLD)
     one_line_error(code, err, f"the teacher file {teacher['pretrained']} has other content now: rerun the stages "
                               f"from 01_distill.py")
+
+
+# ----------------------------------------------------------------------------------
+# Issue 15: the two files of one result (02_semantics.pt + 02_descriptions.json,
+# results.json + results.md) always describe the same run
+
+def test_ctrl_c_between_the_two_renames_waits_until_both_are_done(tmp_path, monkeypatch):
+    a, b = str(tmp_path / "results.json"), str(tmp_path / "results.md")
+    common.write_files({a: b"old", b: b"old"})
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the first rename
+    monkeypatch.setattr(os, "replace", replace)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest may run with SIGINT ignored
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            common.write_files({a: b"new", b: b"new"})
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert open(a, "rb").read() == open(b, "rb").read() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]
+
+
+def test_a_failed_second_file_leaves_both_as_they_were(tmp_path, monkeypatch):
+    a, b = str(tmp_path / "02_semantics.pt"), str(tmp_path / "02_descriptions.json")
+    common.atomic_save({"x": 1}, a, together={b: "old"})
+    real = open
+
+    def fake_open(path, mode="r", *args, **kw):
+        if path.startswith(b):
+            raise OSError(28, "No space left on device")
+        return real(path, mode, *args, **kw)
+    monkeypatch.setattr(common, "open", fake_open, raising=False)
+    with pytest.raises(common.UserError, match=f"cannot write {b}: No space left on device"):
+        common.atomic_save({"x": 2}, a, together={b: "new"})
+    assert torch.load(a, weights_only=True) == {"x": 1} and open(b).read() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["02_descriptions.json", "02_semantics.pt"]

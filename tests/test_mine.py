@@ -351,3 +351,34 @@ def test_no_key_on_disk_or_stdout_when_the_url_holds_one_and_the_server_echoes_i
     texts = [c["text"] for c in next(iter(doc["splits"]["test"].values()))["candidates"] if c["source"] != "templates"]
     assert len(texts) == 1 and " from " not in texts[0]  # the two echo lines were dropped, the description kept
     assert doc["config"]["llm"] == [f"{server.url}/@echo"]
+
+
+HUNG_REQUEST = """
+import os, signal, sys, threading, time
+import common
+mine = __import__("02_mine")
+first = threading.Lock()
+def ask(*a, **k):  # every request hangs; the first one brings a Ctrl-C
+    if first.acquire(blocking=False):
+        os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(600)
+mine.ask = ask
+common.run_main(lambda: mine.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_with_requests_in_flight_exits_at_once(tmp_path):
+    """Issue 15: the stage exits on Ctrl-C without waiting for the requests in flight (here
+    they would hang for 10 minutes), in one line; it starts with SIGINT ignored, as under
+    `cmd &` in a script."""
+    import signal
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONPATH=repo)
+    proc = subprocess.run([sys.executable, "-c", HUNG_REQUEST, "--run", str(tmp_path / "run"), "--dataset", "toy-tiny",
+                           "--clip", "toy-clip-tiny", "--sources", "llm,templates", "--llm", "http://127.0.0.1:9/v1@m"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.endswith(f"interrupted: {common.INTERRUPTED}\n") and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "run" / common.SEMANTICS)
