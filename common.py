@@ -306,6 +306,31 @@ def check_flags(args, ranges, out=None, stage=None):
         raise UserError(f"--run {args.run} cannot be written ({e.strerror}): choose a folder you can write to") from None
     if out is not None:
         check_output(out, stage)
+    remove_stale_temp_files(args.run)
+
+
+def remove_stale_temp_files(run):
+    """Remove, and say so, the temporary files (NAME.tmpPID) that a killed run (SIGKILL, a
+    power cut) left in the run folder: those of a process that no longer exists."""
+    gone = []
+    for folder in (run, os.path.join(run, "cache"), os.path.join(run, "cache", "llm")):
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            pid = name.rpartition(".tmp")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                os.remove(os.path.join(folder, name))
+                gone.append(name)
+    if gone:
+        print(f"removed {len(gone)} temporary file(s) that a killed run left in {run} ({', '.join(gone[:3])})")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def check_output(path, stage):

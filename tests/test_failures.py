@@ -720,3 +720,15 @@ def test_a_failed_second_file_leaves_both_as_they_were(tmp_path, monkeypatch):
         common.atomic_save({"x": 2}, a, together={b: "new"})
     assert torch.load(a, weights_only=True) == {"x": 1} and open(b).read() == "old"
     assert sorted(os.listdir(tmp_path)) == ["02_descriptions.json", "02_semantics.pt"]
+
+
+def test_temporary_files_of_a_killed_run_are_removed_and_said(tmp_path, capsys):
+    import argparse
+    (tmp_path / "cache").mkdir()
+    dead = 4194305  # above Linux's largest pid: no such process
+    left = [tmp_path / f"01_student.pt.tmp{dead}", tmp_path / "cache" / f"student-test-ab.pt.tmp{dead}"]
+    for f in left + [tmp_path / f"02_semantics.pt.tmp{os.getpid()}"]:  # the last one: a live writer's
+        f.write_bytes(b"half")
+    common.check_flags(argparse.Namespace(run=str(tmp_path), seed=0), {})
+    assert not any(f.exists() for f in left) and (tmp_path / f"02_semantics.pt.tmp{os.getpid()}").exists()
+    assert f"removed 2 temporary file(s) that a killed run left in {tmp_path}" in capsys.readouterr().out
