@@ -105,9 +105,9 @@ def main(argv=None):
     out = os.path.join(args.run, out_name)
     common.check_flags(args, RANGES, out, "distill")
     last = out[:-len(".pt")] + ".last.pt"
-    kept = args.resume and os.path.exists(last)  # an epoch of this run (not an older run's file) is in `last`
+    resumable = args.resume and os.path.exists(last)  # `last` holds an epoch of this run, not an older run's
     common.on_interrupt(lambda: f"the last completed epoch is kept in {last}: rerun the same command with --resume "
-                        f"to continue" if kept else "no epoch had finished, nothing to resume: rerun")
+                        f"to continue" if resumable else "no epoch had finished, nothing to resume: rerun")
     device = common.get_device(args.device)
     common.set_seed(args.seed)
     widths = tuple(common.parse_list(args.widths, "--widths", int, "four channel counts", "16,32,64,128", n=4, low=1))
@@ -207,7 +207,7 @@ def main(argv=None):
                                       "sched": sched.state_dict(), "rng": torch.get_rng_state(),
                                       **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                                       "best": best[1]})
-        kept = True
+        resumable = True
 
     common.save_checkpoint(out, "distill", config, args.dataset, classes, teacher=teacher_id,
                            history=history, best_acc=best[0], seconds=time.time() - t0,

@@ -102,7 +102,7 @@ def main(argv=None):
           "classifier-t": load_optional(run, TEMPLATES["classifier"], "classifier")}
     made = {common.STUDENT: st, common.SEMANTICS: ck["semantics"], common.BRIDGE: ck["bridge"],
             TEMPLATES["semantics"]: ck["semantics-t"], TEMPLATES["bridge"]: ck["bridge-t"]}  # what later stages build on
-    for name, c in [("student", st)] + list(ck.items()):
+    for c in [st, *ck.values()]:
         if c is not None:
             common.check_same_world(c, c["path"], args.dataset, classes)
             for up, u in made.items():  # a stage rerun since: what was built on it is stale

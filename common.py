@@ -290,10 +290,12 @@ def check_flags(args, ranges, out=None, stage=None):
     """Refuse, before any work, flags a stage cannot use: a number outside its interval
     (`ranges` maps a flag's attribute name to an interval such as "(0, inf)" or "[0, 1)";
     NaN lies in none), a --run folder that cannot be written and, when `out` is given, a
-    file there that is not an earlier output of `stage` (it is never replaced)."""
+    file there that is not an earlier output of `stage` (it is never replaced). Then removes
+    the temporary files that a killed run left there."""
     for name, interval in {"seed": "[0, 4294967295]", **ranges}.items():  # numpy takes 32-bit seeds
         value, (lo, hi) = getattr(args, name), (float(x) for x in interval[1:-1].split(","))
-        if not ((lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)):
+        above = lo < value if interval[0] == "(" else lo <= value
+        if not (above and (value < hi if interval[-1] == ")" else value <= hi)):
             raise UserError(f"--{name.replace('_', '-')} {value} is out of range: use a value in {interval}")
     folder = os.path.abspath(args.run)
     while not os.path.exists(folder):  # the part of --run that exists already
@@ -303,7 +305,8 @@ def check_flags(args, ranges, out=None, stage=None):
     try:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise UserError(f"--run {args.run} cannot be written ({e.strerror}): choose a folder you can write to") from None
+        raise UserError(f"--run {args.run} cannot be written ({e.strerror}): "
+                        f"choose a folder you can write to") from None
     if out is not None:
         check_output(out, stage)
     remove_stale_temp_files(args.run)
@@ -325,11 +328,11 @@ def remove_stale_temp_files(run):
 
 def _alive(pid):
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError):
-        return True
+    except (PermissionError, OverflowError):  # another user's process; a number no pid has
+        pass
     return True
 
 
@@ -564,7 +567,8 @@ def read_cifar100(root):
         path = os.path.join(root, "cifar-100-python", name)
         try:  # the official files hold a dict with bytes keys (b"data", b"fine_labels", ...)
             with open(path, "rb") as f:
-                d = {k.decode() if isinstance(k, bytes) else k: v for k, v in _CifarUnpickler(f, encoding="bytes").load().items()}
+                d = {k.decode() if isinstance(k, bytes) else k: v
+                     for k, v in _CifarUnpickler(f, encoding="bytes").load().items()}
             if name == "meta":
                 names = [n.decode() if isinstance(n, bytes) else n for n in d["fine_label_names"]]
             else:  # "data": a row of 3072 bytes per image, its red, green and blue 32x32 planes
