@@ -70,6 +70,11 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+# the valid values of the numeric flags, checked before any work (common.check_flags)
+RANGES = {"drop_rate": "[0, 1)", "lr": "(0, inf)", "weight_decay": "[0, inf)", "distill_weight": "[0, inf)",
+          "temperature": "(0, inf)", "val_episodes": "[1, inf)", "val_every": "[1, inf)", "workers": "[0, inf)"}
+
+
 def augment(x):
     """Random crop after 1/8-size padding (4 px at 32 px), and horizontal flip, each drawn per
     image, on a uint8 batch [B, 3, H, W]; the output keeps the input's size."""
@@ -103,12 +108,14 @@ def main(argv=None):
     args = get_args(argv)
     out_name = args.out or (common.STUDENT_CE if args.distill_weight == 0 else common.STUDENT)
     out = os.path.join(args.run, out_name)
-    last = out.replace(".pt", ".last.pt")
+    common.check_flags(args, RANGES, out, "distill")
+    last = out[:-len(".pt")] + ".last.pt"
+    resumable = args.resume and os.path.exists(last)  # `last` holds an epoch of this run, not an older run's
     common.on_interrupt(lambda: f"the last completed epoch is kept in {last}: rerun the same command with --resume "
-                        f"to continue" if os.path.exists(last) else "no epoch had finished, nothing to resume: rerun")
+                        f"to continue" if resumable else "no epoch had finished, nothing to resume: rerun")
     device = common.get_device(args.device)
     common.set_seed(args.seed)
-    widths = tuple(int(w) for w in args.widths.split(","))
+    widths = tuple(common.parse_list(args.widths, "--widths", int, "four channel counts", "16,32,64,128", n=4, low=1))
 
     # ---- data: base classes for training, val classes for model selection
     train = common.load_split(args.dataset, "train", args.data_root)
@@ -205,6 +212,7 @@ def main(argv=None):
                                       "sched": sched.state_dict(), "rng": torch.get_rng_state(),
                                       **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                                       "best": best[1]})
+        resumable = True
 
     common.save_checkpoint(out, "distill", config, args.dataset, classes, teacher=teacher_id,
                            history=history, best_acc=best[0], seconds=time.time() - t0,

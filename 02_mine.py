@@ -86,7 +86,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +147,13 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+# the valid values of the numeric flags, checked before any work (common.check_flags)
+RANGES = {"llm_n": "[1, inf)", "llm_timeout": "(0, inf)", "llm_retries": "[0, inf)", "llm_backoff": "[0, inf)",
+          "llm_give_up": "[0, inf)", "llm_workers": "[1, inf)", "toy_wrong_rate": "[0, 1]", "toy_misread_rate": "[0, 1]",
+          "toy_n": "[1, inf)", "keep": "(0, 1]", "temperature": "(0, inf)", "support_k": "[1, inf)",
+          "image_weight": "[0, inf)", "episodes": "[1, inf)"}
+
+
 # ----------------------------------------------------------------------------------
 # Source 1: language models behind an OpenAI-compatible chat-completions API
 
@@ -165,18 +171,40 @@ def parse_llm_spec(spec):
     the last '@'; the endpoint is URL/chat/completions unless URL already ends so."""
     url, sep, model = spec.rpartition("@")
     if not sep or not url or not model or not url.startswith(("http://", "https://")):
-        raise common.UserError(f"--llm '{redact(spec)}' is not URL@MODEL (e.g. http://localhost:8000/v1@qwen2.5-7b-instruct) "
+        raise common.UserError(f"--llm '{redact_spec(spec)}' is not URL@MODEL (e.g. http://localhost:8000/v1@qwen2.5-7b-instruct) "
                                f"nor toy / toy@SEED")
-    url = url.rstrip("/")
-    return url, (url if url.endswith("/chat/completions") else url + "/chat/completions"), model
+    parts = urllib.parse.urlsplit(url)  # a query string (?api_key=...) stays after the path
+    path = parts.path.rstrip("/")
+    chat_path = path if path.endswith("/chat/completions") else path + "/chat/completions"
+    return urllib.parse.urlunsplit(parts._replace(path=path)), urllib.parse.urlunsplit(parts._replace(path=chat_path)), model
 
 
 def redact(url):
-    """A URL without user:password@, for what is printed or written."""
+    """A URL without user:password@ and without its query string (either may hold a key),
+    for what is printed or written."""
     parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
+    if parts.username is None and parts.password is None and not parts.query and not parts.fragment:
         return url
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
+
+
+def redact_spec(spec):
+    """--llm URL@MODEL as it may be printed or written."""
+    url, sep, model = spec.rpartition("@")
+    return redact(url) + sep + model if sep else redact(spec)
+
+
+def secrets(url, key):
+    """What never reaches a file or the terminal: the API key, and a URL's password and query values."""
+    parts = urllib.parse.urlsplit(url)
+    found = [parts.password] + [v for _, v in urllib.parse.parse_qsl(parts.query)]
+    return [key] * bool(key) + [v for v in found if v and len(v) >= 8]  # 8: not every short value is a secret
+
+
+def drop_secret_lines(text, hidden):
+    """An answer without the lines that hold a secret (a server may echo the request's headers)."""
+    return "\n".join(line for line in text.splitlines() if not any(h in line for h in hidden))
 
 
 def chat(url, model, prompt, key=None, timeout=60.0):
@@ -292,7 +320,8 @@ def ask_llms(llms, names, args, key):
         if args.llm_give_up and streak[src] >= args.llm_give_up:
             return src, name, None, f"skipped: the model failed {args.llm_give_up} classes in a row", False
         try:
-            content = ask(url, model, prompt, key, args.llm_timeout, args.llm_retries, args.llm_backoff)
+            content = drop_secret_lines(ask(url, model, prompt, key, args.llm_timeout, args.llm_retries,
+                                            args.llm_backoff), secrets(url, key))
             texts = parse_descriptions(content, 2 * args.llm_n)
             if not texts:
                 raise LLMError("no usable description in the answer (refused or off-topic?)")
@@ -309,9 +338,9 @@ def ask_llms(llms, names, args, key):
 
     jobs = [(src, url, model, name) for name in names for src, url, model in llms]
     hits, gave_up = 0, set()
-    pool = ThreadPoolExecutor(max(1, args.llm_workers))
+    stop = threading.Event()
     try:
-        bar = tqdm(pool.map(lambda j: job(*j), jobs), total=len(jobs), desc="asking language models")
+        bar = tqdm(in_threads(job, jobs, args.llm_workers, stop), total=len(jobs), desc="asking language models")
         for src, name, texts, error, cached in bar:
             hits += cached
             if error is None:
@@ -324,9 +353,36 @@ def ask_llms(llms, names, args, key):
                     gave_up.add(src)
                     tqdm.write(f"  {src}: failed {args.llm_give_up} classes in a row: its remaining classes are skipped")
     finally:  # on Ctrl-C, do not go on asking the questions still queued (the answers so far are cached)
-        pool.shutdown(wait=False, cancel_futures=True)
+        stop.set()
     print(f"language models: {len(jobs)} questions, {hits} answered from the cache in {args.run}/cache/llm/")
     return answers, failures
+
+
+def in_threads(fn, jobs, workers, stop):
+    """fn(*job) for every job, `workers` at a time, yielded in the order of `jobs`. The threads
+    are daemons and take no new job once `stop` is set: a Ctrl-C exits at once, without
+    waiting for the requests in flight (up to minutes with timeouts and retries)."""
+    results, done = [None] * len(jobs), [threading.Event() for _ in jobs]
+    todo, lock = iter(range(len(jobs))), threading.Lock()
+
+    def worker():
+        while not stop.is_set():
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                results[i] = fn(*jobs[i])
+            except BaseException as e:  # a bug in fn: raised in the caller's thread
+                results[i] = e
+            done[i].set()
+    for _ in range(max(1, min(workers, len(jobs)))):
+        threading.Thread(target=worker, daemon=True).start()
+    for i in range(len(jobs)):
+        done[i].wait()
+        if isinstance(results[i], BaseException):
+            raise results[i]
+        yield results[i]
 
 
 # ----------------------------------------------------------------------------------
@@ -335,16 +391,20 @@ def ask_llms(llms, names, args, key):
 def load_descriptions_file(path, names):
     """{class name: [texts]} from a JSON file: either class -> list of strings, or the
     02_descriptions.json of an earlier run (its kept non-template candidates)."""
-    if not os.path.exists(path):
-        raise common.UserError(f"--descriptions {path} not found")
+    if not os.path.isfile(path):
+        raise common.UserError(f"--descriptions {path} not found" + (" (it is a folder)" * os.path.isdir(path)))
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise common.UserError(f"--descriptions {path} is not valid JSON ({e})")
     if isinstance(data, dict) and isinstance(data.get("splits"), dict):  # an earlier run's 02_descriptions.json
-        data = {name: [c["text"] for c in entry.get("candidates", []) if c.get("kept") and c.get("source") != "templates"]
-                for split in data["splits"].values() for name, entry in split.items()}
+        try:
+            data = {name: [c["text"] for c in entry.get("candidates", []) if c.get("kept") and c.get("source") != "templates"]
+                    for split in data["splits"].values() for name, entry in split.items()}
+        except (AttributeError, KeyError, TypeError):
+            raise common.UserError(f"--descriptions {path} looks like a 02_descriptions.json but is damaged "
+                                   f"(splits -> class -> candidates -> text): rerun the stage that wrote it")
     if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
                                              for v in data.values()):
         raise common.UserError(f"--descriptions {path} must map class names to lists of strings")
@@ -577,11 +637,10 @@ def wrong_removed(entries):
 def main(argv=None):
     args = get_args(argv)
     t0 = time.time()
-    if not 0 < args.keep <= 1 or args.temperature <= 0 or args.support_k < 1:
-        raise common.UserError("--keep must be in (0, 1], --temperature above 0 and --support-k at least 1")
+    out_path = os.path.join(args.run, args.out)
+    common.check_flags(args, RANGES, out_path, "mine")
     device = common.get_device(args.device)
     common.set_seed(args.seed)
-    out_path = os.path.join(args.run, args.out)
     stem = os.path.splitext(args.out)[0]
     json_path = os.path.join(args.run, (stem.replace("semantics", "descriptions") if "semantics" in stem
                                         else stem + "_descriptions") + ".json")
@@ -683,16 +742,16 @@ def main(argv=None):
                   "wrong_removed_all": removed, "wrong_all": n_wrong, "correct_kept_all": right_kept}
 
     # ---- 5. write the vectors and the readable JSON (neither holds the key)
-    config = vars(args) | {"llm": [redact(s) for s in (args.llm or [])], "out": args.out}
+    config = vars(args) | {"llm": [redact_spec(s) for s in (args.llm or [])], "out": args.out}
     upstream = {x["name"]: x["file_id"] for x in sources if x["kind"] == "file"}
     failed_counts = {src: len(f) for src, f in failures.items()}
-    common.save_checkpoint(out_path, "mine", config, args.dataset, classes, state, upstream=upstream,
-                           teacher=teacher_id, sources=[x["name"] for x in sources], failures=failed_counts)
     doc = {"dataset": args.dataset, "teacher": teacher_id, "checkpoint": args.out, "config": config,
            "sources": sources, "failures": failures, "compare": report,
            "splits": {s: {n: {"kept": sum(c["kept"] for c in candidates[(s, i)]), "candidates": candidates[(s, i)]}
                           for i, n in enumerate(classes[s])} for s in common.SPLITS}}
-    common.atomic_write_text(json.dumps(doc, ensure_ascii=False, indent=1), json_path)
+    common.save_checkpoint(out_path, "mine", config, args.dataset, classes, state, upstream=upstream,
+                           teacher=teacher_id, sources=[x["name"] for x in sources], failures=failed_counts,
+                           together={json_path: json.dumps(doc, ensure_ascii=False, indent=1)})  # one step
     print(f"wrote {out_path} ({', '.join(f'{s} {tuple(state[s].shape)}' for s in common.SPLITS)}) "
           f"and {json_path} ({time.time() - t0:.0f}s)")
 

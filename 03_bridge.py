@@ -84,6 +84,12 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+# the valid values of the numeric flags, checked before any work (common.check_flags)
+RANGES = {"hidden": "[1, inf)", "dropout": "[0, 1)", "batch_size": "[1, inf)", "lr": "(0, inf)",
+          "weight_decay": "[0, inf)", "w_cls": "[0, inf)", "w_centre": "[0, inf)", "w_sem": "[0, inf)",
+          "w_cyc_s": "[0, inf)", "w_cyc_v": "[0, inf)", "mix": "[0, inf)", "val_episodes": "[1, inf)"}
+
+
 def mlp(d_in, d_hidden, d_out, dropout):
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.LeakyReLU(0.1), nn.Dropout(dropout), nn.Linear(d_hidden, d_out))
 
@@ -177,6 +183,7 @@ def fit(args, f_train, y_train, t_train, centres, val_eps, device, desc):
 
 def main(argv=None):
     args = get_args(argv)
+    common.check_flags(args, RANGES, os.path.join(args.run, args.out), "bridge")
     device = common.get_device(args.device)
     common.set_seed(args.seed)
     classes = common.class_names(args.dataset, args.data_root)

@@ -110,6 +110,11 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+# the valid values of the numeric flags, checked before any work (common.check_flags)
+RANGES = {"episodes_per_step": "[1, inf)", "hidden": "[1, inf)", "lr": "(0, inf)", "gate_lr": "(0, inf)",
+          "weight_decay": "[0, inf)", "w_rec": "[0, inf)", "val_episodes": "[1, inf)"}
+
+
 def mlp(d_in, d_hidden, d_out):
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.LeakyReLU(0.1), nn.Linear(d_hidden, d_out))
 
@@ -192,6 +197,7 @@ def load_upstream(args, classes, device):
 
 def main(argv=None):
     args = get_args(argv)
+    common.check_flags(args, RANGES, os.path.join(args.run, args.out), "classifier")
     device = common.get_device(args.device)
     common.set_seed(args.seed)
     classes = common.class_names(args.dataset, args.data_root)

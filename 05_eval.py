@@ -156,19 +156,25 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+# the valid values of the numeric flags, checked before any work (common.check_flags)
+RANGES = {"episodes": "[1, inf)", "batch": "[1, inf)"}
+
+
 def main(argv=None):
     args = get_args(argv)
+    common.check_flags(args, RANGES)
+    shots = common.parse_list(args.shots, "--shots", int, "shot counts", "1,5")
+    mixes = common.parse_list(args.mixes, "--mixes", float, "fusion coefficients", "0.25,0.5,1")
     device = common.get_device(args.device)
     common.set_seed(args.seed)
     classes = common.class_names(args.dataset, args.data_root)
-    shots = [int(k) for k in args.shots.split(",")]
     run, split_name = args.run, args.split
     t0 = time.time()
 
     # ---- checkpoints (all but the distilled student are optional), checked against each other
     st = common.load_checkpoint(os.path.join(run, common.STUDENT), "distill", f"run 01_distill.py --run {run} first")
     ck = {name: load_optional(run, f, STAGE_OF.get(name, "classifier")) for name, f in FILES.items()}
-    check_consistent(run, st, ck, args.dataset, classes)
+    check_consistent(st, ck, args.dataset, classes)
 
     # ---- features of the evaluated split, once, shared by every row
     split = common.load_split(args.dataset, split_name, args.data_root)
@@ -191,7 +197,8 @@ def main(argv=None):
             needs["text"] = semantics("semantics")
             if ck["bridge"] is not None:
                 bridge = Bridge.from_checkpoint(ck["bridge"], device)
-                mix = choose_mix(bridge, ck["semantics"], student_feats(run, st, val, device), val, shots, args, device)
+                mix = choose_mix(bridge, ck["semantics"], student_feats(run, st, val, device), val, shots, mixes,
+                                 args, device)
                 needs["bridge"] = {"w": bridge.to_visual(needs["text"]), "mix": mix}
         for name, sem, br in [("syntrans", "semantics", "bridge"), ("syntrans-fixed-gate", "semantics", "bridge"),
                               ("syntrans-shuffled", "semantics", "bridge"),
@@ -227,10 +234,10 @@ def main(argv=None):
            "gate": gate_report(gates, ck["semantics"], classes[split_name]) if gates else None,
            "fixed_fusion_mix": {str(k): v for k, v in needs["bridge"]["mix"].items()} if "bridge" in needs else None,
            "seconds": {"features": round(seconds_features, 2), "episodes": round(seconds_episodes, 2)}}
-    stem = "results" if split_name == "test" else "results_val"
-    common.atomic_write_text(json.dumps(out, indent=2) + "\n", os.path.join(run, stem + ".json"))
+    stem = os.path.join(run, "results" if split_name == "test" else "results_val")
     table = markdown(out, shots)
-    common.atomic_write_text(table, os.path.join(run, stem + ".md"))
+    common.write_files({stem + ".json": (json.dumps(out, indent=2) + "\n").encode(),
+                        stem + ".md": table.encode()})  # in one step: both describe this run
     print(table)
 
     if args.benchmark:
@@ -252,7 +259,7 @@ def teacher_feats(args, semantics_ck, split, device):
     return common.teacher_image_features(args.run, teacher, preprocess, tid, split, device).to(device)
 
 
-def choose_mix(bridge, semantics_ck, f_val, val, shots, args, device):
+def choose_mix(bridge, semantics_ck, f_val, val, shots, mixes, args, device):
     """Per shot count, the --mixes coefficient with the best mean accuracy on 300 val
     episodes (seed --episode-seed + 1: never the episodes a table reports)."""
     w_val = bridge.to_visual(semantics_ck["state"]["val"].float().to(device))
@@ -262,7 +269,7 @@ def choose_mix(bridge, semantics_ck, f_val, val, shots, args, device):
         vs, vq = common.split_episodes(f_val, vidx.to(device), k)
         acc = {m: common.accuracy_from_logits(torch.einsum("enqd,ecd->enqc", F.normalize(vq, dim=-1),
                fixed_mix(vs.mean(2), w_val[vcls.to(device)], m))).mean().item()
-               for m in [float(x) for x in args.mixes.split(",")]}
+               for m in mixes}
         best[k] = max(acc, key=acc.get)
     return best
 
@@ -372,19 +379,20 @@ def markdown(out, shots):
 def load_optional(run, name, stage):
     """A checkpoint, or None when the stage has not been run (its row is then skipped)."""
     path = os.path.join(run, name)
-    return common.load_checkpoint(path, stage, "") if os.path.exists(path) else None
+    hint = "rerun the stage that writes it (or leave it deleted: its rows are then skipped)"
+    return common.load_checkpoint(path, stage, hint) if os.path.exists(path) else None
 
 
-def check_consistent(run, st, ck, dataset, classes):
+def check_consistent(st, ck, dataset, classes):
     """Every checkpoint is of this dataset and was built on the files now in the run folder."""
     made = {common.STUDENT: st, **{FILES[n]: ck[n] for n in ("semantics", "bridge", "semantics-templates",
                                                              "bridge-templates")}}  # what later stages build on
-    for name, c in [(common.STUDENT, st)] + [(FILES[n], c) for n, c in ck.items()]:
+    for c in [st, *ck.values()]:
         if c is not None:
-            common.check_same_world(c, os.path.join(run, name), dataset, classes)
+            common.check_same_world(c, c["path"], dataset, classes)
             for up, u in made.items():  # a stage rerun since: what was built on it is stale
                 if u is not None:
-                    common.check_upstream(c, os.path.join(run, name), up, u["id"], "rerun the stages after it (see run.sh)")
+                    common.check_upstream(c, c["path"], up, u["id"], "rerun the stages after it (see run.sh)")
     common.check_same_teacher({common.STUDENT: st, FILES["semantics"]: ck["semantics"],
                                FILES["semantics-templates"]: ck["semantics-templates"]})
 

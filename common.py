@@ -11,12 +11,19 @@ common.py: the little every SynTrans stage shares.
 Each stage script (01_distill.py ... 05_eval.py) tells its own story and imports
 only these pieces.
 """
+import contextlib
+import errno
 import hashlib
+import io
 import json
 import math
 import os
+import pickle
 import random
+import signal
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,10 +62,22 @@ def on_interrupt(hint):
     _interrupt_hint = hint
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a batch system's time limit): handled as a Ctrl-C is, exit code 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def run_main(main):
     """Call a stage's main(); user errors become a one-line message and exit code 2,
-    a Ctrl-C a one-line message and exit code 130. Other exceptions are bugs: traceback."""
+    a Ctrl-C or SIGTERM a one-line message and exit code 130 or 143. Other exceptions are
+    bugs: traceback. Ctrl-C works even where the shell started us with SIGINT ignored
+    (`cmd &` in a script, nohup)."""
     on_interrupt(None)
+    before = {s: signal.signal(s, h) for s, h in [(signal.SIGINT, signal.default_int_handler),
+                                                   (signal.SIGTERM, _terminate)]}
     try:
         main()
     except UserError as e:
@@ -67,16 +86,26 @@ def run_main(main):
             msg = msg.splitlines()[-1].split("UserError: ", 1)[-1]
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         hint = _interrupt_hint() if callable(_interrupt_hint) else _interrupt_hint
         print(f"interrupted: {hint or INTERRUPTED}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def get_device(name=None):
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device '{name}' is not a device: use cpu or cuda (cuda:N for GPU N)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"--device {name}, but torch sees {torch.cuda.device_count()} usable CUDA GPU(s) here "
+                        f"(no driver, or another index): use --device cpu or omit --device")
+    return device
 
 
 def set_seed(seed):
@@ -94,40 +123,81 @@ def file_id(path):
     return h.hexdigest()[:16]
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+def write_files(files):
+    """Write {path: bytes} as one step: each file to a temporary file, then all renamed. A
+    crash never leaves half a file; a failed write (disk full, read-only folder) changes
+    none of them, leaves no temporary file and is one line. Several files (02_semantics.pt
+    and 02_descriptions.json, results.json and results.md) always describe the same run:
+    Ctrl-C and SIGTERM wait until all are renamed, and another run's renames until ours are done."""
+    tmps = {path: f"{path}.tmp{os.getpid()}" for path in files}
+    path = None
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for path, data in files.items():
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(tmps[path], "wb") as f:
+                f.write(data)
+        path = None
+        with _one_step(files):
+            for path in files:
+                os.replace(tmps[path], path)
+    except BaseException as e:  # Ctrl-C included: no temp file is left behind
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if isinstance(e, OSError):
+            full = " (the disk is full: free some space)" if e.errno == errno.ENOSPC else ""
+            raise UserError(f"cannot write {path or ', '.join(files)}: {e.strerror or e}{full}; "
+                            f"nothing was changed there") from None
         raise
+
+
+@contextlib.contextmanager
+def _one_step(files):
+    """Renames of several files: the first folder locked against other runs' renames, and
+    Ctrl-C / SIGTERM held back until the end (the main thread handles signals)."""
+    if len(files) < 2 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import fcntl
+    pending, fd = [], os.open(os.path.dirname(os.path.abspath(next(iter(files)))), os.O_RDONLY)
+    before = {s: signal.signal(s, lambda n, _: pending.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+        for s, h in before.items():
+            signal.signal(s, h)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def checkpoint_bytes(obj):
+    """torch.save into memory (so that a full disk is an OSError when the bytes are written,
+    not the zip writer's 'unexpected pos')."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getbuffer()
+
+
+def atomic_save(obj, path, together=None):
+    """torch.save, atomically; `together` ({path: text}): files written in the same step."""
+    write_files({path: checkpoint_bytes(obj), **{p: t.encode("utf-8") for p, t in (together or {}).items()}})
 
 
 def atomic_write_text(text, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C included: no temp file is left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_files({path: text.encode("utf-8")})
 
 
-def save_checkpoint(path, stage, config, dataset, classes, state, upstream=None, **extra):
+def save_checkpoint(path, stage, config, dataset, classes, state, upstream=None, together=None, **extra):
     """Every checkpoint is a plain dict of tensors, numbers and strings, so that it
     loads with torch.load(weights_only=True). It records what made it: the stage,
     its config, the dataset and class names per split, and the upstream checkpoints
-    (name -> content id) it was built on, so that the next stage can refuse a mismatch."""
+    (name -> content id) it was built on, so that the next stage can refuse a mismatch.
+    `together` ({path: text}): files that describe the same run, written in the same step."""
     ckpt = dict(format=FORMAT_VERSION, stage=stage, config=config, dataset=dataset,
                 classes=classes, state=state, upstream=upstream or {}, **extra)
-    atomic_save(ckpt, path)
+    atomic_save(ckpt, path, together)
 
 
 def load_checkpoint(path, stage, hint):
@@ -143,7 +213,7 @@ def load_checkpoint(path, stage, hint):
         raise UserError(f"{path} has checkpoint format {found}, this code reads format {FORMAT_VERSION}: {hint}")
     if ckpt.get("stage") != stage:
         raise UserError(f"{path} was written by stage '{ckpt.get('stage')}', expected '{stage}': {hint}")
-    ckpt["id"] = file_id(path)
+    ckpt["id"], ckpt["path"] = file_id(path), path
     return ckpt
 
 
@@ -179,6 +249,14 @@ def same_teacher(a, b):
     return a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained")
 
 
+def teacher_advice(a, b, rerun):
+    """What to do about two teachers that differ: the same flags with other file content
+    means the weights file itself was replaced since (e.g. in $SYNTRANS_CACHE)."""
+    if a and b and a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained"):
+        return f"the teacher file {a.get('pretrained')} has other content now: rerun the stages from 01_distill.py"
+    return f"{rerun} with the same --clip/--clip-pretrained"
+
+
 def check_same_teacher(ckpts):
     """Refuse upstream checkpoints ({path: checkpoint}) made with different teachers
     (a checkpoint without one, e.g. the CE-only student, is compatible with any)."""
@@ -187,7 +265,7 @@ def check_same_teacher(ckpts):
         if not same_teacher(t, made[0][1]):
             who = [" ".join(str(x[k]) for k in ("name", "pretrained", "file_id") if x.get(k)) for x in (made[0][1], t)]
             raise UserError(f"{made[0][0]} was made with teacher {who[0]} but {p} with {who[1]}: "
-                            f"rerun the stages with the same --clip/--clip-pretrained")
+                            f"{teacher_advice(made[0][1], t, 'rerun the stages')}")
 
 
 def check_upstream(ckpt, path, name, expected_id, hint):
@@ -205,7 +283,76 @@ def check_same_world(ckpt, path, dataset, classes=None, teacher=None):
         raise UserError(f"{path} was built with other class names than dataset '{dataset}' has now: rerun that stage")
     if teacher is not None and not same_teacher(ckpt.get("teacher"), teacher):
         raise UserError(f"{path} was built with teacher {ckpt.get('teacher')}, not {teacher}: "
-                        f"rerun that stage with the same --clip/--clip-pretrained")
+                        f"{teacher_advice(ckpt.get('teacher'), teacher, 'rerun that stage')}")
+
+
+def check_flags(args, ranges, out=None, stage=None):
+    """Refuse, before any work, flags a stage cannot use: a number outside its interval
+    (`ranges` maps a flag's attribute name to an interval such as "(0, inf)" or "[0, 1)";
+    NaN lies in none), a --run folder that cannot be written and, when `out` is given, a
+    file there that is not an earlier output of `stage` (it is never replaced). Then removes
+    the temporary files that a killed run left there."""
+    for name, interval in {"seed": "[0, 4294967295]", **ranges}.items():  # numpy takes 32-bit seeds
+        value, (lo, hi) = getattr(args, name), (float(x) for x in interval[1:-1].split(","))
+        above = lo < value if interval[0] == "(" else lo <= value
+        if not (above and (value < hi if interval[-1] == ")" else value <= hi)):
+            raise UserError(f"--{name.replace('_', '-')} {value} is out of range: use a value in {interval}")
+    folder = os.path.abspath(args.run)
+    while not os.path.exists(folder):  # the part of --run that exists already
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"--run {args.run}: {folder} is a file, not a folder: choose another --run")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"--run {args.run} cannot be written ({e.strerror}): "
+                        f"choose a folder you can write to") from None
+    if out is not None:
+        check_output(out, stage)
+    remove_stale_temp_files(args.run)
+
+
+def remove_stale_temp_files(run):
+    """Remove, and say so, the temporary files (NAME.tmpPID) that a killed run (SIGKILL, a
+    power cut) left in the run folder: those of a process that no longer exists."""
+    gone = []
+    for folder in (run, os.path.join(run, "cache"), os.path.join(run, "cache", "llm")):
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            pid = name.rpartition(".tmp")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                os.remove(os.path.join(folder, name))
+                gone.append(name)
+    if gone:
+        print(f"removed {len(gone)} temporary file(s) that a killed run left in {run} ({', '.join(gone[:3])})")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a number no pid has
+        pass
+    return True
+
+
+def check_output(path, stage):
+    """Refuse to replace a file that is not a checkpoint of `stage` (stage 2 with --out
+    01_student.pt would destroy hours of training): checked before any work."""
+    name = os.path.basename(path)
+    if not name.endswith(".pt") or name == ".pt":
+        raise UserError(f"--out '{name}' is not a checkpoint file name: use a name ending in .pt")
+    if not os.path.lexists(path):
+        return
+    try:
+        found = torch.load(path, map_location="cpu", weights_only=True)
+        found = found.get("stage") if isinstance(found, dict) else None
+    except Exception:
+        found = None
+    if found != stage:
+        what = f"a checkpoint of stage '{found}'" if found else "not a checkpoint"
+        raise UserError(f"{path} exists and is {what}; this stage ('{stage}') does not replace it: "
+                        f"choose another --out, or delete the file first")
 
 
 def add_common_args(p, dataset="toy", clip="toy-clip"):
@@ -400,16 +547,31 @@ def _make_split(dataset, split, classes, labels, where, **data):
     return Split(dataset, split, [n for _, n in classes], labels, ids=[c for c, _ in classes], **data)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """A pickle reader that admits only what the official CIFAR-100 files hold: dicts, lists,
+    bytes, str, ints and numpy arrays. Any other global (os.system, eval, ...) is refused
+    before it can run: a dataset folder is data, never code."""
+    ALLOWED = {(m, n) for core in ("numpy.core", "numpy._core") for m, n in [
+        (f"{core}.multiarray", "_reconstruct"), (f"{core}.multiarray", "scalar"), (f"{core}.numeric", "_frombuffer")]}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # encode: bytes in protocol 2
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks to run {module}.{name}, which no CIFAR-100 file holds")
+        return super().find_class(module, name)
+
+
 def read_cifar100(root):
     """CIFAR-100 train + test from the 'python version' pickles, read with our own few lines
-    (torchvision's reader verifies checksums): (uint8 images [N,3,32,32], fine labels [N], fine names)."""
-    import pickle
+    (torchvision's reader verifies checksums) and a restricted unpickler:
+    (uint8 images [N,3,32,32], fine labels [N], fine names)."""
     parts = []
     for name in ("meta", "train", "test"):
         path = os.path.join(root, "cifar-100-python", name)
         try:  # the official files hold a dict with bytes keys (b"data", b"fine_labels", ...)
             with open(path, "rb") as f:
-                d = {k.decode() if isinstance(k, bytes) else k: v for k, v in pickle.load(f, encoding="bytes").items()}
+                d = {k.decode() if isinstance(k, bytes) else k: v
+                     for k, v in _CifarUnpickler(f, encoding="bytes").load().items()}
             if name == "meta":
                 names = [n.decode() if isinstance(n, bytes) else n for n in d["fine_label_names"]]
             else:  # "data": a row of 3072 bytes per image, its red, green and blue 32x32 planes
@@ -564,14 +726,18 @@ def resolve_teacher(name, pretrained):
 def load_teacher(name, pretrained=None, device="cpu"):
     """Returns (model in eval mode with frozen parameters, image preprocess, tokenizer, identity)."""
     import open_clip
-    arch, pretrained = resolve_teacher(name, pretrained)
+    given, (arch, pretrained) = pretrained, resolve_teacher(name, pretrained)
     if pretrained and not os.path.exists(pretrained) and pretrained not in open_clip.list_pretrained_tags_by_model(arch):
         raise UserError(f"--clip-pretrained '{pretrained}' is neither a file nor an open_clip tag of {arch} "
                         f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'})")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
-    except RuntimeError as e:
-        if "download" in str(e).lower():
+    except Exception as e:
+        if pretrained and os.path.isfile(pretrained):  # truncated, empty, random bytes, another model's weights
+            again = "pass a good weights file" if given else "it is trained again on the next run"
+            raise UserError(f"{pretrained} is not a readable weights file of {arch} ({type(e).__name__}): "
+                            f"delete it ({again})") from None
+        if isinstance(e, RuntimeError) and "download" in str(e).lower():
             raise UserError(f"could not fetch the weights of {arch}/{pretrained} (offline?): download them once "
                             f"on a connected machine and pass the file with --clip-pretrained")
         raise
@@ -582,9 +748,14 @@ def load_teacher(name, pretrained=None, device="cpu"):
     return model, preprocess, tokenizer, ident
 
 
+TEXT_CHARS = 1000  # far more than 77 tokens of any text
+
+
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts, device, batch=256):
-    """L2-normalised text embeddings [len(texts), m]."""
+    """L2-normalised text embeddings [len(texts), m]. CLIP reads 77 tokens at most, so each text
+    is cut to TEXT_CHARS characters first (its tokenizer is super-linear in a long word)."""
+    texts = [t[:TEXT_CHARS] for t in texts]
     out = [model.encode_text(tokenizer(texts[i:i + batch]).to(device)).float() for i in range(0, len(texts), batch)]
     return F.normalize(torch.cat(out), dim=-1).cpu()
 
@@ -665,14 +836,24 @@ def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, seed):
     return classes, index
 
 
+def parse_list(text, flag, kind=int, what="numbers", example="1,5", n=None, low=None):
+    """'1,5' -> [1, 5]; anything else (an empty item, a word, nan; not `n` values, one below
+    `low`) is refused in one line."""
+    try:
+        values = [kind(x) for x in str(text).split(",")]
+    except ValueError:
+        values = None
+    if (not values or not all(math.isfinite(v) for v in values) or (n and len(values) != n)
+            or (low is not None and min(values) < low)):
+        raise UserError(f"{flag}: '{text}' is not a comma-separated list of {what} such as {example}")
+    return values
+
+
 def check_episodes(split, n_way, shots, n_query, flags=None, min_shot=1):
     """Refuse, before any training, N-way episodes with `shots` (an int, or a string such as
     "1,5") support and n_query query images per class that `split` cannot supply. `flags`
     names the command-line flags that set them. Returns the shot counts as a list of ints."""
-    try:
-        shots = [int(k) for k in str(shots).split(",")]
-    except ValueError:
-        raise UserError(f"{flags or 'shots'}: '{shots}' is not a comma-separated list of shot counts such as 1,5")
+    shots = parse_list(shots, flags or "shots", int, "shot counts", "1,5")
     fix = f": lower {flags}" if flags else ": the dataset is incomplete (python common.py check warns about such classes)"
     if n_way < 2 or min(shots) < min_shot or n_query < 1:
         raise UserError(f"{n_way}-way {','.join(map(str, shots))}-shot episodes with {n_query} queries: use at "

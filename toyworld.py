@@ -43,6 +43,7 @@ The stage scripts never import this module directly: they see the dataset name
 "toy" and the teacher name "toy-clip" through common.py.
 """
 import colorsys
+import logging
 import math
 import os
 
@@ -447,7 +448,11 @@ def train_teacher(name, path, seed=0, batch_size=256, lr=3e-3, log=print):
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     open_clip.add_model_config(TEACHER_CONFIG)
     torch.manual_seed(seed)
-    model = open_clip.create_model("toy-clip")
+    logging.disable(logging.WARNING)  # open_clip's "No pretrained weights loaded": expected, we train it now
+    try:
+        model = open_clip.create_model("toy-clip")
+    finally:
+        logging.disable(logging.NOTSET)
     tokenizer = open_clip.get_tokenizer("toy-clip")
     images, caps = build_web(name, seed)
     tokens = tokenizer(caps)
@@ -475,10 +480,8 @@ def train_teacher(name, path, seed=0, batch_size=256, lr=3e-3, log=print):
             sched.step()
             step += 1
         log(f"toy-clip epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    import common
+    common.atomic_save(model.state_dict(), path)  # a kill or a full disk never leaves half a teacher
     return model
 
 

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -370,23 +369,48 @@ def test_stage1_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(base_r
 # ----------------------------------------------------------------------------------
 # Ctrl-C mid-epoch, then --resume: the same student as an uninterrupted run
 
+# The child runs stage 1 and sends itself the signal at a fixed point (epoch 2, step 2: 5
+# steps an epoch), so nothing depends on timing; it starts with SIGINT ignored, as under
+# `cmd &` in a script or nohup, so the stage must restore Ctrl-C itself.
+CHILD = """
+import os, signal, sys
+import common
+distill = __import__("01_distill")
+real, calls = distill.info_nce, []
+def info_nce(*a):
+    calls.append(1)
+    if len(calls) == 7:
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return real(*a)
+distill.info_nce = info_nce
+common.run_main(lambda: distill.main(sys.argv[2:]))
+"""
+
+
+def interrupt_stage1(run, signame):
+    """Run stage 1 in a child that gets `signame` mid-epoch 2: (exit code, stderr)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SYNTRANS_CACHE=os.path.join(REPO, ".cache", "tests"),
+               OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", CHILD, signame, "--run", run, *TINY01], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    return proc.returncode, proc.stderr
+
+
+def test_sigterm_mid_epoch_is_one_line_and_leaves_no_temporary_file(base_run, tmp_path):
+    run = copy_run(base_run, tmp_path / "run")
+    code, err = interrupt_stage1(run, "SIGTERM")
+    last = os.path.join(run, "01_student.last.pt")
+    assert code == 143 and err == f"interrupted: the last completed epoch is kept in {last}: rerun the same " \
+                                  f"command with --resume to continue\n", err
+    assert sorted(os.listdir(run)) == ["01_student.last.pt", "cache"]
+
+
 def test_sigint_mid_epoch_then_resume_gives_the_uninterrupted_result(base_run, tmp_path, capsys):
     run = copy_run(base_run, tmp_path / "run")
     last = os.path.join(run, "01_student.last.pt")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", SYNTRANS_CACHE=os.path.join(REPO, ".cache", "tests"),
-               OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=REPO)
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "01_distill.py"), "--run", run, *TINY01],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not os.path.exists(last) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert os.path.exists(last), proc.communicate()
-        proc.send_signal(signal.SIGINT)  # as Ctrl-C does: epoch 2 has just begun
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
+    code, err = interrupt_stage1(run, "SIGINT")
+    assert code == 130, err
     assert err == f"interrupted: the last completed epoch is kept in {last}: rerun the same command with --resume " \
                   f"to continue\n"
     assert common.load_checkpoint(last, "distill-last", "")["epoch"] == 1
@@ -408,3 +432,303 @@ def test_sigint_mid_epoch_then_resume_gives_the_uninterrupted_result(base_run, t
         assert ref["state"][part].keys() == got["state"][part].keys()
         for k, v in ref["state"][part].items():
             assert torch.equal(v, got["state"][part][k]), (part, k)
+
+
+# ----------------------------------------------------------------------------------
+# Issue 15: every numeric flag, the run folder and the output name are checked before
+# any work; nothing is created, not even the run folder
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable CUDA GPU")
+
+
+@pytest.mark.parametrize("name,argv,parts", [
+    ("01_distill", ["--distill-weight", "-1"], ["--distill-weight -1.0 is out of range", "[0, inf)"]),
+    ("01_distill", ["--distill-weight", "nan"], ["--distill-weight nan is out of range"]),
+    ("01_distill", ["--drop-rate", "2"], ["--drop-rate 2.0 is out of range", "[0, 1)"]),
+    ("01_distill", ["--val-episodes", "0"], ["--val-episodes 0 is out of range"]),
+    ("01_distill", ["--val-every", "0"], ["--val-every 0 is out of range"]),
+    ("01_distill", ["--lr", "-1"], ["--lr -1.0 is out of range", "(0, inf)"]),
+    ("01_distill", ["--weight-decay", "-1"], ["--weight-decay -1.0 is out of range"]),
+    ("01_distill", ["--temperature", "0"], ["--temperature 0.0 is out of range"]),
+    ("01_distill", ["--seed", "-1"], ["--seed -1 is out of range"]),
+    ("01_distill", ["--workers", "-1"], ["--workers -1 is out of range"]),
+    ("01_distill", ["--widths", "a,b"], ["--widths: 'a,b' is not a comma-separated list of four channel counts"]),
+    ("01_distill", ["--widths", "16,32"], ["--widths: '16,32' is not"]),
+    ("01_distill", ["--device", "gpu"], ["--device 'gpu' is not a device: use cpu or cuda"]),
+    pytest.param("01_distill", ["--device", "cuda"], ["--device cuda, but torch sees 0 usable CUDA GPU(s)"],
+                 marks=NO_CUDA),
+    ("01_distill", ["--out", "student"], ["--out 'student' is not a checkpoint file name"]),
+    ("02_mine", ["--image-weight", "nan"], ["--image-weight nan is out of range"]),
+    ("02_mine", ["--toy-wrong-rate", "2"], ["--toy-wrong-rate 2.0 is out of range", "[0, 1]"]),
+    ("02_mine", ["--toy-n", "-5"], ["--toy-n -5 is out of range"]),
+    ("02_mine", ["--toy-misread-rate", "-1"], ["--toy-misread-rate -1.0 is out of range"]),
+    ("02_mine", ["--compare", "--episodes", "0"], ["--episodes 0 is out of range"]),
+    ("02_mine", ["--llm-retries", "-1"], ["--llm-retries -1 is out of range"]),
+    ("02_mine", ["--llm-timeout", "-1"], ["--llm-timeout -1.0 is out of range"]),
+    ("02_mine", ["--out", ""], ["--out '' is not a checkpoint file name"]),
+    ("03_bridge", ["--hidden", "0"], ["--hidden 0 is out of range"]),
+    ("03_bridge", ["--mix", "nan"], ["--mix nan is out of range"]),
+    ("03_bridge", ["--batch-size", "0"], ["--batch-size 0 is out of range"]),
+    ("03_bridge", ["--dropout", "1.5"], ["--dropout 1.5 is out of range"]),
+    ("03_bridge", ["--lr", "nan"], ["--lr nan is out of range"]),
+    ("03_bridge", ["--lr", "-1"], ["--lr -1.0 is out of range"]),
+    ("03_bridge", ["--val-episodes", "0"], ["--val-episodes 0 is out of range"]),
+    ("03_bridge", ["--out", ""], ["--out '' is not a checkpoint file name"]),
+    ("04_classifier", ["--episodes-per-step", "0"], ["--episodes-per-step 0 is out of range"]),
+    ("04_classifier", ["--val-episodes", "0"], ["--val-episodes 0 is out of range"]),
+    ("04_classifier", ["--lr", "nan"], ["--lr nan is out of range"]),
+    ("04_classifier", ["--lr", "-1"], ["--lr -1.0 is out of range"]),
+    ("04_classifier", ["--hidden", "-1"], ["--hidden -1 is out of range"]),
+    ("04_classifier", ["--gate-lr", "nan"], ["--gate-lr nan is out of range"]),
+    ("05_eval", ["--episodes", "0"], ["--episodes 0 is out of range"]),
+    ("05_eval", ["--episodes", "-5"], ["--episodes -5 is out of range"]),
+    ("05_eval", ["--batch", "0"], ["--batch 0 is out of range"]),
+    ("05_eval", ["--mixes", "x"], ["--mixes: 'x' is not a comma-separated list of fusion coefficients"]),
+    ("05_eval", ["--mixes", ""], ["--mixes: '' is not a comma-separated list"]),
+    ("05_eval", ["--shots", "1,x"], ["--shots: '1,x' is not a comma-separated list of shot counts"]),
+])
+def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, name, argv, parts):
+    run = tmp_path / "run"
+    code, _, err = run_stage(capsys, name, "--run", str(run), *WORLD, *argv)
+    one_line_error(code, err, *parts)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["01_distill", "02_mine", "03_bridge", "04_classifier", "05_eval"])
+@pytest.mark.parametrize("where", ["a-file", "under-a-file", "read-only"])
+def test_a_run_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, name, where):
+    (tmp_path / "f").write_text("x")
+    run = {"a-file": tmp_path / "f", "under-a-file": tmp_path / "f" / "run", "read-only": tmp_path / "ro"}[where]
+    if where == "read-only":
+        run.mkdir()
+        run.chmod(0o555)
+        if os.access(run, os.W_OK):  # root writes anywhere: simulate the read-only folder
+            def refused(*a, **k):
+                raise PermissionError(13, "Permission denied")
+            monkeypatch.setattr(common.tempfile, "TemporaryFile", refused)
+    code, _, err = run_stage(capsys, name, "--run", str(run), *WORLD)
+    one_line_error(code, err, *(["cannot be written (Permission denied): choose a folder you can write to"]
+                                if where == "read-only" else [f"{tmp_path / 'f'} is a file, not a folder"]))
+    assert sorted(os.listdir(tmp_path)) == (["f", "ro"] if where == "read-only" else ["f"])
+    assert (tmp_path / "f").read_text() == "x" and (where != "read-only" or os.listdir(run) == [])
+    run.chmod(0o755) if where == "read-only" else None
+
+
+def disk_full(monkeypatch, after=0):
+    """Every file written for writing ('wb') fails as on a full disk (a 2 MB tmpfs as --run
+    shows the same; mounting one needs root, so it is simulated here)."""
+    real = open
+
+    def fake_open(path, mode="r", *a, **k):
+        f = real(path, mode, *a, **k)
+        if "w" in mode:
+            def write(data):
+                raise OSError(28, "No space left on device")
+            f.write = write
+        return f
+    monkeypatch.setattr(common, "open", fake_open, raising=False)
+
+
+def test_disk_full_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    common.atomic_write_text("old\n", str(tmp_path / "results.json"))
+    disk_full(monkeypatch)
+    for write in (lambda: common.atomic_save({"x": torch.zeros(3)}, str(tmp_path / "a.pt")),
+                  lambda: common.atomic_write_text("new\n", str(tmp_path / "results.json"))):
+        with pytest.raises(common.UserError, match="No space left on device .the disk is full: free some space.; "
+                                                    "nothing was changed there"):
+            write()
+    assert os.listdir(tmp_path) == ["results.json"] and (tmp_path / "results.json").read_text() == "old\n"
+
+
+def test_stage3_on_a_full_disk_says_so_in_one_line(full_run, tmp_path, capsys, monkeypatch):
+    run = copy_run(full_run, tmp_path / "run", common.STUDENT, common.SEMANTICS)
+    before = sorted(os.listdir(run))
+    disk_full(monkeypatch)
+    code, _, err = run_stage(capsys, "03_bridge", "--run", run, *WORLD, "--epochs", "1", "--val-episodes", "10",
+                             "--hidden", "16")
+    one_line_error(code, err, f"cannot write {os.path.join(run, common.BRIDGE)}: No space left on device (the disk "
+                              f"is full")
+    assert sorted(os.listdir(run)) == before
+
+
+@pytest.mark.parametrize("name,out,argv", [
+    ("02_mine", common.STUDENT, ["--sources", "templates"]),
+    ("03_bridge", common.STUDENT, []),
+    ("04_classifier", common.BRIDGE, []),
+    ("01_distill", common.SEMANTICS, []),
+])
+def test_a_stage_does_not_replace_another_stages_checkpoint(full_run, tmp_path, capsys, name, out, argv):
+    run = copy_run(full_run, tmp_path / "run", common.STUDENT, common.SEMANTICS, common.BRIDGE)
+    before = {f: common.file_id(os.path.join(run, f)) for f in (common.STUDENT, common.SEMANTICS, common.BRIDGE)}
+    code, _, err = run_stage(capsys, name, "--run", run, *WORLD, "--out", out, *argv)
+    one_line_error(code, err, f"{os.path.join(run, out)} exists and is a checkpoint of stage",
+                   "choose another --out, or delete the file first")
+    assert {f: common.file_id(os.path.join(run, f)) for f in before} == before
+    assert sorted(os.listdir(run)) == sorted(["cache", *before])
+
+
+# ----------------------------------------------------------------------------------
+# Issue 15: what the stages read: a CIFAR pickle runs nothing, a damaged teacher file,
+# descriptions files that are folders, damaged or hold one enormous word
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_cifar_pickle_runs_nothing(tmp_path, capsys):
+    import pickle
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": Payload(marker)}))
+    code, _, err = run_stage(capsys, "01_distill", "--run", str(tmp_path / "run"), "--dataset", "cifar-fs",
+                             "--data-root", str(tmp_path), "--clip", "toy-clip-tiny")
+    one_line_error(code, err, f"{folder / 'meta'} is not a CIFAR-100 python-version pickle (UnpicklingError: it asks "
+                              f"to run posix.system, which no CIFAR-100 file holds)")
+    assert not marker.exists() and sorted(os.listdir(tmp_path)) == ["cifar-100-python"]
+
+
+@pytest.mark.parametrize("damage", ["empty", "random-bytes", "truncated"])
+@pytest.mark.parametrize("where", ["--clip-pretrained", "$SYNTRANS_CACHE"])
+def test_a_damaged_teacher_file_is_one_line(tmp_path, capsys, monkeypatch, damage, where):
+    good = common.resolve_teacher("toy-clip-tiny", None)[1]  # the tests' cached toy teacher
+    cache = tmp_path / "cache"
+    path = cache / os.path.basename(good) if where == "$SYNTRANS_CACHE" else tmp_path / "teacher.pt"
+    cache.mkdir()
+    path.write_bytes({"empty": b"", "random-bytes": os.urandom(5000),
+                      "truncated": open(good, "rb").read()[:20000]}[damage])
+    monkeypatch.setenv("SYNTRANS_CACHE", str(cache))
+    argv = ["--clip-pretrained", str(path)] if where == "--clip-pretrained" else []
+    code, _, err = run_stage(capsys, "01_distill", "--run", str(tmp_path / "run"), *TINY01, *argv)
+    one_line_error(code, err, f"{path} is not a readable weights file of toy-clip (",
+                   "it is trained again on the next run" if where == "$SYNTRANS_CACHE" else "pass a good weights file")
+    assert not os.path.exists(tmp_path / "run")  # refused before anything was written
+
+
+@pytest.mark.parametrize("content,parts", [
+    (None, ["not found (it is a folder)"]),
+    ({"splits": {"train": {"a": "not a dict"}}}, ["looks like a 02_descriptions.json but is damaged"]),
+    ({"splits": {"train": {"a": {"candidates": [1, 2]}}}}, ["looks like a 02_descriptions.json but is damaged"]),
+    ({"splits": {"train": {"a": {"candidates": [{"kept": True}]}}}}, ["looks like a 02_descriptions.json"]),
+    ({"splits": {"train": ["a"]}}, ["looks like a 02_descriptions.json but is damaged"]),
+])
+def test_stage2_refuses_descriptions_that_are_folders_or_damaged(tmp_path, capsys, content, parts):
+    import json
+    path = tmp_path / "d.json"
+    path.mkdir() if content is None else path.write_text(json.dumps(content))
+    code, _, err = run_stage(capsys, "02_mine", "--run", str(tmp_path / "run"), *WORLD, "--sources",
+                             "templates,files", "--descriptions", str(path))
+    one_line_error(code, err, f"--descriptions {path}", *parts)
+    assert sorted(os.listdir(tmp_path)) == ["d.json"]
+
+
+def test_an_enormous_description_is_cut_before_clips_tokenizer(toy_teacher):
+    model, _, tokenizer, _ = toy_teacher
+    word = "stripe" * 200_000  # 1.2 MB in one word: hours in the tokenizer if not cut first
+    assert torch.equal(common.encode_texts(model, tokenizer, [word, "a red circle"], "cpu"),
+                       common.encode_texts(model, tokenizer, [word[:common.TEXT_CHARS], "a red circle"], "cpu"))
+
+
+# ----------------------------------------------------------------------------------
+# Issue 15: messages that said the wrong thing
+
+def test_ctrl_c_beside_an_older_runs_resume_file_does_not_advise_resume(base_run, tmp_path, capsys, monkeypatch):
+    run = copy_run(base_run, tmp_path / "run")
+    last = os.path.join(run, "01_student.last.pt")
+    shutil.copy(os.path.join(base_run, "01_student.last.pt"), last)  # an older run, with --lr 0.05
+
+    def info_nce(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(stage("01_distill"), "info_nce", info_nce)
+    before = common.file_id(last)
+    code, _, err = run_stage(capsys, "01_distill", "--run", run, *TINY01, "--lr", "0.1")
+    assert code == 130, err
+    last_line = err.replace("\r", "\n").rstrip().split("\n")[-1]
+    assert last_line == "interrupted: no epoch had finished, nothing to resume: rerun"
+    assert common.file_id(last) == before
+
+
+def test_the_resume_file_lies_beside_the_result_whatever_the_run_folder_is_called(base_run, tmp_path, capsys):
+    run = copy_run(base_run, tmp_path / "my.pt.run")
+    code, _, err = run_stage(capsys, "01_distill", "--run", run, *TINY01, "--epochs", "1")
+    assert code == 0, err
+    assert sorted(os.listdir(run)) == ["01_student.last.pt", "01_student.pt", "cache"]
+    assert sorted(os.listdir(tmp_path)) == ["my.pt.run"]
+
+
+def test_stage5_names_the_file_it_refuses(full_run, tmp_path, capsys):
+    run = copy_run(full_run, tmp_path / "run", common.STUDENT, common.SEMANTICS, common.BRIDGE)
+    ck = torch.load(os.path.join(run, common.BRIDGE), weights_only=True)
+    ck["dataset"] = "toy"
+    torch.save(ck, os.path.join(run, common.BRIDGE))
+    code, _, err = run_stage(capsys, "05_eval", "--run", run, *WORLD)
+    one_line_error(code, err, f"{os.path.join(run, common.BRIDGE)} was built on dataset 'toy'")
+    (tmp_path / "run" / common.BRIDGE).write_bytes(b"garbage")
+    code, _, err = run_stage(capsys, "05_eval", "--run", run, *WORLD)
+    err = one_line_error(code, err, f"{os.path.join(run, common.BRIDGE)} is not a readable checkpoint")
+    assert err.endswith("delete it and rerun the stage that writes it (or leave it deleted: its rows are then skipped)")
+    assert not os.path.exists(os.path.join(run, common.RESULTS))
+
+
+def test_a_teacher_file_replaced_since_says_to_rerun_not_to_pass_the_same_flags(base_run, tmp_path, capsys):
+    run = copy_run(base_run, tmp_path / "run", common.STUDENT)
+    teacher = torch.load(os.path.join(run, common.STUDENT), weights_only=True)["teacher"]
+    fake_semantics(run, dict(teacher, file_id="0123456789abcdef"))  # the same flags, another file content
+    code, _, err = run_stage(capsys, "03_bridge", "--run", run, *WORLD)
+    one_line_error(code, err, f"the teacher file {teacher['pretrained']} has other content now: rerun the stages "
+                              f"from 01_distill.py")
+
+
+# ----------------------------------------------------------------------------------
+# Issue 15: the two files of one result (02_semantics.pt + 02_descriptions.json,
+# results.json + results.md) always describe the same run
+
+def test_ctrl_c_between_the_two_renames_waits_until_both_are_done(tmp_path, monkeypatch):
+    a, b = str(tmp_path / "results.json"), str(tmp_path / "results.md")
+    common.write_files({a: b"old", b: b"old"})
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the first rename
+    monkeypatch.setattr(os, "replace", replace)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest may run with SIGINT ignored
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            common.write_files({a: b"new", b: b"new"})
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert open(a, "rb").read() == open(b, "rb").read() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]
+
+
+def test_a_failed_second_file_leaves_both_as_they_were(tmp_path, monkeypatch):
+    a, b = str(tmp_path / "02_semantics.pt"), str(tmp_path / "02_descriptions.json")
+    common.atomic_save({"x": 1}, a, together={b: "old"})
+    real = open
+
+    def fake_open(path, mode="r", *args, **kw):
+        if path.startswith(b):
+            raise OSError(28, "No space left on device")
+        return real(path, mode, *args, **kw)
+    monkeypatch.setattr(common, "open", fake_open, raising=False)
+    with pytest.raises(common.UserError, match=f"cannot write {b}: No space left on device"):
+        common.atomic_save({"x": 2}, a, together={b: "new"})
+    assert torch.load(a, weights_only=True) == {"x": 1} and open(b).read() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["02_descriptions.json", "02_semantics.pt"]
+
+
+def test_temporary_files_of_a_killed_run_are_removed_and_said(tmp_path, capsys):
+    import argparse
+    (tmp_path / "cache").mkdir()
+    dead = 4194305  # above Linux's largest pid: no such process
+    left = [tmp_path / f"01_student.pt.tmp{dead}", tmp_path / "cache" / f"student-test-ab.pt.tmp{dead}"]
+    for f in left + [tmp_path / f"02_semantics.pt.tmp{os.getpid()}"]:  # the last one: a live writer's
+        f.write_bytes(b"half")
+    common.check_flags(argparse.Namespace(run=str(tmp_path), seed=0), {})
+    assert not any(f.exists() for f in left) and (tmp_path / f"02_semantics.pt.tmp{os.getpid()}").exists()
+    assert f"removed 2 temporary file(s) that a killed run left in {tmp_path}" in capsys.readouterr().out

@@ -40,6 +40,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
         model, prompt = body["model"], body["messages"][-1]["content"]
         self.server.requests.append((model, prompt, self.headers.get("Authorization")))
+        self.server.paths.append(self.path)
         name = re.match(r"Describe the (.+) in \d+ lines\.", prompt)
         name = name.group(1) if name else "thing"
         if model == "slow":
@@ -48,7 +49,8 @@ class ChatHandler(BaseHTTPRequestHandler):
             return self.reply(500, b'{"error": "boom"}')
         if model == "garbage":
             return self.reply(200, b"<html>this is not json</html>")
-        content = {"empty": "", "refuse": "I'm sorry, but I can't help with that."}.get(
+        content = {"empty": "", "refuse": "I'm sorry, but I can't help with that.",  # echo: as a careless proxy
+                   "echo": f"- a {name}\n- a {name} from {self.path}\n- a {name} ({self.headers.get('Authorization')})"}.get(
             model, f"Here are some descriptions:\n1. a {name}\n- **it looks like a {name}**\n* a {name} in a photo\n\n")
         answer = {"id": "x", "object": "chat.completion", "model": model,
                   "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]}
@@ -80,7 +82,7 @@ def splits_once():
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), ChatHandler)
     srv.daemon_threads = True
-    srv.requests = []
+    srv.requests, srv.paths = [], []
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
@@ -343,3 +345,60 @@ def test_base_vectors_do_not_depend_on_val_or_novel_classes(tmp_path):
     assert torch.equal(vectors[0]["train"], vectors[1]["train"])
     assert torch.equal(vectors[0]["val"], vectors[1]["val"])
     assert not torch.allclose(vectors[0]["test"], vectors[1]["test"])  # the change did reach the novel classes
+
+
+QUERY_SECRET = "sk-in-the-url-DO-NOT-WRITE-77"
+
+
+def test_no_key_on_disk_or_stdout_when_the_url_holds_one_and_the_server_echoes_it(server, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """Issue 15: a key in the endpoint's query string, and a server that echoes the request's
+    Authorization header and URL in a successful answer: neither key reaches a file or the
+    terminal (the lines that hold one are dropped), and the query string stays after the path."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    spec = f"{server.url}/?api_key={QUERY_SECRET}@echo"
+    assert mine.parse_llm_spec(spec)[1] == f"{server.url}/chat/completions?api_key={QUERY_SECRET}"
+    mine.main(["--run", str(tmp_path), "--dataset", "toy-tiny", "--clip", "toy-clip-tiny", "--sources", "llm,templates",
+               "--llm", spec, "--llm-prompt", PROMPT, "--image-weight", "0", "--llm-workers", "8"])
+    out, err = capsys.readouterr()
+    assert f"/v1/chat/completions?api_key={QUERY_SECRET}" in server.paths
+    for secret in (SECRET, QUERY_SECRET):
+        assert secret not in out + err
+        for root, _, files in os.walk(tmp_path):
+            for f in files:
+                assert secret.encode() not in open(os.path.join(root, f), "rb").read(), (secret, f)
+    doc = json.loads((tmp_path / "02_descriptions.json").read_text())
+    texts = [c["text"] for c in next(iter(doc["splits"]["test"].values()))["candidates"] if c["source"] != "templates"]
+    assert len(texts) == 1 and " from " not in texts[0]  # the two echo lines were dropped, the description kept
+    assert doc["config"]["llm"] == [f"{server.url}/@echo"]
+
+
+HUNG_REQUEST = """
+import os, signal, sys, threading, time
+import common
+mine = __import__("02_mine")
+first = threading.Lock()
+def ask(*a, **k):  # every request hangs; the first one brings a Ctrl-C
+    if first.acquire(blocking=False):
+        os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(600)
+mine.ask = ask
+common.run_main(lambda: mine.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_with_requests_in_flight_exits_at_once(tmp_path):
+    """Issue 15: the stage exits on Ctrl-C without waiting for the requests in flight (here
+    they would hang for 10 minutes), in one line; it starts with SIGINT ignored, as under
+    `cmd &` in a script."""
+    import signal
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONPATH=repo)
+    proc = subprocess.run([sys.executable, "-c", HUNG_REQUEST, "--run", str(tmp_path / "run"), "--dataset", "toy-tiny",
+                           "--clip", "toy-clip-tiny", "--sources", "llm,templates", "--llm", "http://127.0.0.1:9/v1@m"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.endswith(f"interrupted: {common.INTERRUPTED}\n") and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "run" / common.SEMANTICS)
