@@ -228,7 +228,7 @@ def test_stage5_refuses_ways_shots_and_queries_the_split_cannot_supply(full_run,
 
 def test_stage2_refuses_compare_episodes_the_split_cannot_supply(tmp_path, capsys):
     code, _, err = run_stage(capsys, "02_mine", "--run", str(tmp_path), *WORLD, "--llm", "toy", "--compare",
-                             "--ways", "21")
+                             "--ways", "21", "--split", "test")
     one_line_error(code, err, "21-way episodes need 21 classes; toy-tiny test has 20: lower --ways or --queries")
     assert os.listdir(tmp_path) == []
 
