@@ -109,7 +109,7 @@ def mining_table(named_files):
             res[name] = json.load(f)["compare"]
     first = next(iter(res.values()))
     settings = list(dict.fromkeys(n.split("/")[0] for n in res))
-    rows = list(first["accuracy"])
+    rows = [r for r in first["accuracy"] if all(r in x["accuracy"] for x in res.values())]  # e.g. not "toy@0 only"
     lines = [f"teacher zero-shot accuracy % on the {first['split']} classes, {first['ways']}-way, {first['episodes']} "
              f"episodes x {first['queries']} queries; one value per training seed "
              f"({', '.join(dict.fromkeys(n.split('/')[-1] for n in res))}), then their mean", "",
