@@ -367,8 +367,9 @@ def markdown(out, shots):
                 lines.append(f"| {a} − {b} | {w} | " + " | ".join(d.get((a, b, k), "") for k in shots) + " |")
     if out["gate"]:
         lines += ["", "syntrans's gate, mean weight on the visual side: " + "; ".join(
-            f"{k}-shot {g['all']:.2f}" + (f" (the {g['n_misread']} classes the toy describer misread {g['misread']:.2f}, "
-                                          f"the others {g['others']:.2f})" if "misread" in g else "")
+            f"{k}-shot {g['all']:.2f}" + (f" (the {g['n_misread']} class{'es' * (g['n_misread'] != 1)} the toy "
+                                          f"describer misread {g['misread']:.2f}, the others {g['others']:.2f})"
+                                          if "misread" in g else "")
             for k, g in out["gate"].items())]
     return "\n".join(lines) + "\n"
 

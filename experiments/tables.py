@@ -88,6 +88,12 @@ def sweep_table(named_runs, split):
         cells = [" / ".join(f"{r['acc']:.2f}" for n, x in res.items() if n.split("/")[0] == g
                             for r in x["rows"] if (r["method"], r["shots"]) == (m, k)) for g in groups]
         lines.append(f"| {m} (accuracy) | {k} | " + " | ".join(cells) + " |")
+    if "syntrans" in {m for m, _ in methods}:  # the criterion stage 4 keeps its checkpoint by, over seeds
+        means = []
+        for g in groups:
+            a = [r["acc"] for n, x in res.items() if n.split("/")[0] == g for r in x["rows"] if r["method"] == "syntrans"]
+            means.append(f"{statistics.mean(a):.2f}")
+        lines.append("| syntrans (accuracy, mean over shot counts and seeds) | all | " + " | ".join(means) + " |")
     keys = list(dict.fromkeys((p["method"], p["vs"], p["shots"]) for x in res.values() for p in x["comparisons"]))
     summary = {"split": split, "runs": dict(named_runs), "comparisons": []}
     for a, b, k in keys:
