@@ -29,7 +29,7 @@ Outputs  <run>/01_student.pt (or 01_student_ce.pt): the best-on-validation stude
 
 Our choices (not from the paper): a linear CE head; InfoNCE against the teacher's
 embeddings of the *unaugmented* images (the teacher is the anchor, the student sees
-augmented views); an MLP projection head; validation by 5-way 1-shot ProtoNet on a
+augmented views); an MLP projection head; validation by 5-way 1-shot cosine nearest-centroid on a
 fixed list of val episodes, best epoch kept.
 
 Defaults run the toy world on a CPU in a couple of minutes. For the real
@@ -195,7 +195,7 @@ def main(argv=None):
             seen += len(idx)
             bar.set_postfix(loss=f"{last_finite:.3f}")
 
-        # ---- validation (5-way 1-shot ProtoNet on fixed val episodes); keep the best epoch
+        # ---- validation (5-way 1-shot cosine nearest-centroid on fixed val episodes); keep the best epoch
         if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
             acc = validate(student, val, val_episodes, device)
             history.append({"epoch": epoch + 1, "loss": last_finite, "val_1shot": acc})

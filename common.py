@@ -6,7 +6,7 @@ common.py: the little every SynTrans stage shares.
   3. datasets (the toy world and the real benchmarks) and their class names
   4. the CLIP teacher, loaded through open_clip only
   5. feature extraction with an on-disk cache
-  6. few-shot episodes, ProtoNet and the 95% confidence interval
+  6. few-shot episodes, the cosine nearest-centroid classifier and the 95% confidence interval
 
 Each stage script (01_distill.py ... 05_eval.py) tells its own story and imports
 only these pieces.
@@ -811,7 +811,7 @@ def student_features(run, student, student_id, split, device):
 
 
 # ----------------------------------------------------------------------------------
-# 6. Few-shot episodes and ProtoNet
+# 6. Few-shot episodes and the cosine nearest-centroid classifier
 
 def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, seed):
     """A fixed list of N-way K-shot episodes, Q queries per class, from a labelled set.
@@ -883,13 +883,14 @@ def accuracy_from_logits(logits):
 
 
 def protonet_logits(support, query):
-    """ProtoNet with cosine similarity: prototypes are mean support features."""
+    """Cosine nearest-centroid (ProtoNet's mean-support prototypes, scored by cosine rather than
+    ProtoNet's squared Euclidean distance; SimpleShot without centring): [E, N, Q, N]."""
     protos = F.normalize(support.mean(2), dim=-1)  # [E, N, d]
     return torch.einsum("enqd,ecd->enqc", F.normalize(query, dim=-1), protos)
 
 
 def protonet_accuracy(feats, index, k_shot, batch=500):
-    """Per-episode ProtoNet accuracy [E] on precomputed features."""
+    """Per-episode cosine nearest-centroid accuracy [E] on precomputed features."""
     accs = [accuracy_from_logits(protonet_logits(*split_episodes(feats, index[i:i + batch], k_shot)))
             for i in range(0, len(index), batch)]
     return torch.cat(accs)
