@@ -559,11 +559,12 @@ def main(argv=None):
                                         else stem + "_descriptions") + ".json")
     key = os.environ.get(args.llm_key_env) or None  # read here, sent in a header, never stored
 
+    common.check_teacher(args)  # a wrong or forgotten teacher is refused before any work
     # ---- class names of every split (read from the class lists: no image is loaded for them)
     classes = common.class_names(args.dataset, args.data_root)
     test = None
     if args.compare:  # the zero-shot episodes, refused before anything is asked or encoded
-        test = common.load_split(args.dataset, "test", args.data_root)
+        test = common.load_split(args.dataset, "test", args.data_root, args.image_size)
         common.check_episodes(test, args.ways, 0, args.queries, "--ways or --queries", min_shot=0)
     print(f"{args.dataset}: {', '.join(f'{len(classes[s])} {s}' for s in common.SPLITS)} classes; device {device}")
 
@@ -584,7 +585,7 @@ def main(argv=None):
     templates_only = kinds == ["templates"]
     images = None
     if args.image_weight > 0 and classes["train"] and not templates_only:
-        train = common.load_split(args.dataset, "train", args.data_root)  # base images serve the image vote
+        train = common.load_split(args.dataset, "train", args.data_root, args.image_size)  # base images serve the image vote
         feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, train, device)
         images = torch.full((len(order), feats.shape[1]), float("nan"))
         for i in range(len(classes["train"])):  # base classes come first in `order`

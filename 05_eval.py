@@ -104,8 +104,8 @@ def main(argv=None):
     common.check_same_teacher({common.STUDENT: st, common.SEMANTICS: ck["semantics"], TEMPLATES["semantics"]: ck["semantics-t"]})
 
     # ---- features of the novel split, once, shared by every row
-    test = common.load_split(args.dataset, "test", args.data_root)
-    val = common.load_split(args.dataset, "val", args.data_root)
+    test = common.load_split(args.dataset, "test", args.data_root, args.image_size)
+    val = common.load_split(args.dataset, "val", args.data_root, args.image_size)
     common.check_episodes(test, args.n_way, args.shots, args.n_query, "--n-way, --shots or --n-query")
     if ck["bridge"] is not None:  # fixed-fusion picks its mix on val episodes of the same shape
         common.check_episodes(val, args.n_way, args.shots, args.n_query, "--n-way, --shots or --n-query")
@@ -116,12 +116,12 @@ def main(argv=None):
     if ck["student-ce"] is not None:
         feats["ce"] = student_feats(ck["student-ce"], test)
     if ck["semantics"] is not None:
-        teacher, preprocess, _, tid = common.load_teacher(args.clip, args.clip_pretrained, device)
+        tid = common.check_teacher(args)  # its identity alone: the teacher is built only if its features are not cached
         if ck["semantics"].get("teacher") is not None and not common.same_teacher(ck["semantics"]["teacher"], tid):
             raise common.UserError(f"{common.SEMANTICS} was mined with teacher {ck['semantics']['teacher']}, "
                                    f"not {tid}: pass the same --clip/--clip-pretrained")
-        feats["teacher"] = common.teacher_image_features(run, teacher, preprocess, tid, test, device).to(device)
-        del teacher
+        teacher = lambda: common.load_teacher(args.clip, args.clip_pretrained, device)[:2]  # noqa: E731
+        feats["teacher"] = common.teacher_image_features(run, teacher, None, tid, test, device).to(device)
     seconds_features = time.time() - t0
 
     def classifier_of(c, bridge_ck, name):
