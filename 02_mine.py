@@ -64,7 +64,7 @@ prompts has nothing to choose between.
 
   python 02_mine.py --run runs/toy                       # toy world: templates + toy describer
   python 02_mine.py --run runs/toy --sources templates --out 02_semantics_templates.pt
-  python 02_mine.py --run runs/mini --dataset mini --clip ViT-B-32 --clip-pretrained openai \\
+  python 02_mine.py --run runs/mini --dataset mini-imagenet --data-root /data/mini-imagenet --clip ViT-B-32 --clip-pretrained openai \\
       --llm http://localhost:8000/v1@llama-3.1-8b-instruct --llm https://api.openai.com/v1@gpt-4o-mini
 """
 import argparse
@@ -110,7 +110,7 @@ def get_args(argv=None):
                    help="environment variable holding the API key (sent as a Bearer token; never written)")
     p.add_argument("--llm-prompt", default=PROMPT, help="the question, with {name} and {n} placeholders")
     p.add_argument("--llm-n", type=int, default=10, help="descriptions asked per class; at most twice this many are used")
-    p.add_argument("--llm-timeout", type=float, default=60.0, help="seconds to wait for one answer")
+    p.add_argument("--llm-timeout", type=float, default=60.0, help="seconds to wait for one whole answer")
     p.add_argument("--llm-retries", type=int, default=2, help="retries of a failed request (timeouts, HTTP 5xx/429, garbage)")
     p.add_argument("--llm-backoff", type=float, default=2.0, help="seconds before the first retry, doubling after each")
     p.add_argument("--llm-give-up", type=int, default=5,
@@ -178,9 +178,14 @@ def chat(url, model, prompt, key=None, timeout=60.0):
     if key:
         headers["Authorization"] = f"Bearer {key}"
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    deadline = time.monotonic() + timeout  # for the whole answer: a server may trickle it
     try:
         with urllib.request.urlopen(request, timeout=timeout) as r:
-            raw = r.read()
+            raw = b""
+            while chunk := r.read1(1 << 16):
+                raw += chunk
+                if time.monotonic() > deadline:
+                    raise TimeoutError
     except urllib.error.HTTPError as e:  # 4xx other than 429 will not fix itself: no retry
         e.close()
         hint = " (check the key)" if e.code in (401, 403) else ""
