@@ -746,7 +746,8 @@ def load_teacher(name, pretrained=None, device="cpu"):
                             f"({str(e).splitlines()[0]}): pass the matching --clip")
     model.eval().requires_grad_(False)
     if arch != "toy-clip":
-        print(f"teacher {name} ({ident['pretrained']}, " + ("QuickGELU)" if ident.get("quick_gelu") else
+        print(f"teacher {name} (" + ("random weights, as asked)" if pretrained == RANDOM else
+              f"{ident['pretrained']}, QuickGELU)" if ident.get("quick_gelu") else f"{ident['pretrained']}, "
               f"GELU: if these are OpenAI's weights, name the model {name}-quickgelu)"))
     return model, preprocess, open_clip.get_tokenizer(arch), ident
 
