@@ -518,7 +518,7 @@ def mean_vector(emb):
     return F.normalize(emb.mean(0), dim=0)
 
 
-def encode(model, tokenizer, texts, device, chunk=2048):
+def encode(model, tokenizer, texts, device, chunk=256):  # 256: encode_texts's own batch, so the same numbers
     """Text embeddings of many texts, with progress. CLIP's tokenizer truncates a long
     text to its context length (77 tokens; 16 for the toy teacher)."""
     from tqdm import tqdm
