@@ -642,6 +642,8 @@ RANDOM = "random"  # --clip-pretrained random: an untrained CLIP, only when aske
 def check_teacher(args):
     """Refuse, before any work, a teacher that would silently spoil a run: the toy teacher on
     real data, or an open_clip model without weights. Returns the teacher's identity."""
+    if args.dataset not in DATASETS:
+        raise UserError(f"unknown dataset '{args.dataset}': choose one of {', '.join(DATASETS)}")
     if args.clip in TOY_TEACHERS and not args.dataset.startswith("toy"):
         raise UserError(f"{args.dataset} needs a real CLIP teacher, not the toy world's {args.clip}: pass "
                         f"--clip ViT-B-32 --clip-pretrained openai (or a weights file)")
