@@ -400,7 +400,8 @@ def decode_once(split, workers=None):
 
     def decode(out):
         n_workers = min(8, os.cpu_count() or 1) if workers is None and len(split) >= 1000 else (workers or 0)
-        loader = torch.utils.data.DataLoader(StudentImages(split), batch_size=64, num_workers=n_workers)
+        loader = torch.utils.data.DataLoader(StudentImages(split), batch_size=64, num_workers=n_workers,
+                                             generator=torch.Generator())  # the global RNG is untouched
         for images, _, idx in tqdm(loader, desc=f"decoding {split.dataset} {split.split} once", leave=False,
                                    disable=len(split) < 1000):
             out[idx.numpy()] = images.numpy()
@@ -811,7 +812,8 @@ def teacher_image_features(run, model, preprocess, ident, split, device):
         from tqdm import tqdm
         m, p = model() if preprocess is None else (model, preprocess)
         workers = min(8, os.cpu_count() or 1) if split.paths is not None and len(split) >= 500 else 0
-        loader = torch.utils.data.DataLoader(TeacherImages(split, p), batch_size=256, num_workers=workers)
+        loader = torch.utils.data.DataLoader(TeacherImages(split, p), batch_size=256, num_workers=workers,
+                                             generator=torch.Generator())  # its own: the global RNG is untouched
         with torch.no_grad():
             feats = [m.encode_image(x.to(device)).float().cpu()
                      for x in tqdm(loader, desc=f"teacher {split.split}", leave=False, disable=len(split) <= 1024)]

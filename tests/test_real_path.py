@@ -253,3 +253,16 @@ def test_run_sh_dry_run_order_and_paths(tmp_path):
     r = subprocess.run(["bash", os.path.join(REPO, "run.sh"), "mini-imagenet"], cwd=tmp_path,
                        capture_output=True, text=True, env=env, timeout=60)
     assert f"--clip-pretrained {tmp_path / 'w.pt'} " in r.stdout
+
+
+def test_extraction_and_decoding_leave_the_global_rng_alone(tmp_path, toy_teacher, tiny_val):
+    """A DataLoader draws a seed from the global RNG unless given a generator: the toy
+    pipeline's numbers (and a real run's, store built or not) must not depend on them."""
+    model, preprocess, _, ident = toy_teacher
+    root = write_mini_folders(tmp_path / "mini", per_class=1)
+    torch.manual_seed(0)
+    common.teacher_image_features(str(tmp_path / "run"), model, preprocess, ident, tiny_val, "cpu")
+    common.load_split("mini-imagenet", "val", root)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
