@@ -663,6 +663,9 @@ def teacher_identity(name, pretrained):
     its tag or file (by content), and QuickGELU when its weights were trained with it.
     Refuses an unknown model, tag or file, and a missing --clip-pretrained (random weights)."""
     if name in TOY_TEACHERS:
+        if pretrained and not os.path.exists(pretrained):  # (without one, the stand-in is trained once)
+            raise UserError(f"--clip-pretrained '{pretrained}' is neither a file nor an open_clip tag of toy-clip "
+                            f"(tags: none)")
         pretrained = pretrained or toy_teacher_file(name)
         arch = "toy-clip"
     else:
