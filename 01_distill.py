@@ -116,10 +116,12 @@ def main(argv=None):
     device = common.get_device(args.device)
     common.set_seed(args.seed)
     widths = tuple(common.parse_list(args.widths, "--widths", int, "four channel counts", "16,32,64,128", n=4, low=1))
+    if args.distill_weight > 0:  # a wrong or forgotten teacher is refused before any work
+        common.check_teacher(args)
 
     # ---- data: base classes for training, val classes for model selection
-    train = common.load_split(args.dataset, "train", args.data_root)
-    val = common.load_split(args.dataset, "val", args.data_root)
+    train = common.load_split(args.dataset, "train", args.data_root, args.image_size)
+    val = common.load_split(args.dataset, "val", args.data_root, args.image_size)
     classes = common.class_names(args.dataset, args.data_root)
     common.check_episodes(val, 5, 1, 15)  # the fixed validation episodes, refused here rather than mid-run
     if args.epochs < 1 or not 0 < args.batch_size <= len(train):

@@ -75,7 +75,7 @@ prompts has nothing to choose between.
 
   python 02_mine.py --run runs/toy                       # toy world: templates + toy describer
   python 02_mine.py --run runs/toy --sources templates --out 02_semantics_templates.pt
-  python 02_mine.py --run runs/mini --dataset mini --clip ViT-B-32 --clip-pretrained openai \\
+  python 02_mine.py --run runs/mini --dataset mini-imagenet --data-root /data/mini-imagenet --clip ViT-B-32 --clip-pretrained openai \\
       --llm http://localhost:8000/v1@llama-3.1-8b-instruct --llm https://api.openai.com/v1@gpt-4o-mini
 """
 import argparse
@@ -120,7 +120,7 @@ def get_args(argv=None):
                    help="environment variable holding the API key (sent as a Bearer token; never written)")
     p.add_argument("--llm-prompt", default=PROMPT, help="the question, with {name} and {n} placeholders")
     p.add_argument("--llm-n", type=int, default=10, help="descriptions asked per class; at most twice this many are used")
-    p.add_argument("--llm-timeout", type=float, default=60.0, help="seconds to wait for one answer")
+    p.add_argument("--llm-timeout", type=float, default=60.0, help="seconds to wait for one whole answer")
     p.add_argument("--llm-retries", type=int, default=2, help="retries of a failed request (timeouts, HTTP 5xx/429, garbage)")
     p.add_argument("--llm-backoff", type=float, default=2.0, help="seconds before the first retry, doubling after each")
     p.add_argument("--llm-give-up", type=int, default=5,
@@ -219,9 +219,14 @@ def chat(url, model, prompt, key=None, timeout=60.0):
     if key:
         headers["Authorization"] = f"Bearer {key}"
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    deadline = time.monotonic() + timeout  # for the whole answer: a server may trickle it
     try:
         with urllib.request.urlopen(request, timeout=timeout) as r:
-            raw = r.read()
+            raw = b""
+            while chunk := r.read1(1 << 16):
+                raw += chunk
+                if time.monotonic() > deadline:
+                    raise TimeoutError
     except urllib.error.HTTPError as e:  # 4xx other than 429 will not fix itself: no retry
         e.close()
         hint = " (check the key)" if e.code in (401, 403) else ""
@@ -586,7 +591,7 @@ def mean_vector(emb):
     return F.normalize(emb.mean(0), dim=0)
 
 
-def encode(model, tokenizer, texts, device, chunk=2048):
+def encode(model, tokenizer, texts, device, chunk=256):  # 256: encode_texts's own batch, so the same numbers
     """Text embeddings of many texts, with progress. CLIP's tokenizer truncates a long
     text to its context length (77 tokens; 16 for the toy teacher)."""
     from tqdm import tqdm
@@ -649,11 +654,12 @@ def main(argv=None):
                                         else stem + "_descriptions") + ".json")
     key = os.environ.get(args.llm_key_env) or None  # read here, sent in a header, never stored
 
+    common.check_teacher(args)  # a wrong or forgotten teacher is refused before any work
     # ---- class names of every split (read from the class lists: no image is loaded for them)
     classes = common.class_names(args.dataset, args.data_root)
     measured = None
     if args.compare:  # the zero-shot episodes, refused before anything is asked or encoded
-        measured = common.load_split(args.dataset, args.split, args.data_root)
+        measured = common.load_split(args.dataset, args.split, args.data_root, args.image_size)
         common.check_episodes(measured, args.ways, 0, args.queries, "--ways or --queries", min_shot=0)
     print(f"{args.dataset}: {', '.join(f'{len(classes[s])} {s}' for s in common.SPLITS)} classes; device {device}")
 
@@ -674,7 +680,7 @@ def main(argv=None):
     templates_only = kinds == ["templates"]
     images = None
     if args.image_weight > 0 and classes["train"] and not templates_only:
-        train = common.load_split(args.dataset, "train", args.data_root)  # base images serve the image vote
+        train = common.load_split(args.dataset, "train", args.data_root, args.image_size)  # base images serve the image vote
         feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, train, device)
         images = torch.full((len(order), feats.shape[1]), float("nan"))
         for i in range(len(classes["train"])):  # base classes come first in `order`

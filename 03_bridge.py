@@ -198,8 +198,8 @@ def main(argv=None):
     common.check_same_teacher({student_path: st, sem_path: sem})
     student = common.load_student(st, device)
 
-    train = common.load_split(args.dataset, "train", args.data_root)
-    val = common.load_split(args.dataset, "val", args.data_root)
+    train = common.load_split(args.dataset, "train", args.data_root, args.image_size)
+    val = common.load_split(args.dataset, "val", args.data_root, args.image_size)
     common.check_episodes(val, 5, 1, 15)  # the fixed validation episodes; and a run that writes something:
     if args.epochs < 1:
         raise common.UserError("--epochs must be at least 1")

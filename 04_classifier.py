@@ -206,8 +206,8 @@ def main(argv=None):
     classes = common.class_names(args.dataset, args.data_root)
     ck, student, bridge = load_upstream(args, classes, device)
 
-    train = common.load_split(args.dataset, "train", args.data_root)
-    val = common.load_split(args.dataset, "val", args.data_root)
+    train = common.load_split(args.dataset, "train", args.data_root, args.image_size)
+    val = common.load_split(args.dataset, "val", args.data_root, args.image_size)
     common.check_episodes(train, args.n_way, args.shots, args.n_query, "--n-way, --shots or --n-query")
     common.check_episodes(val, 5, args.shots, 15, "--shots")  # the fixed validation episodes
     if args.steps < 1 or args.val_every < 1:

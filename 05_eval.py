@@ -177,8 +177,8 @@ def main(argv=None):
     check_consistent(st, ck, args.dataset, classes)
 
     # ---- features of the evaluated split, once, shared by every row
-    split = common.load_split(args.dataset, split_name, args.data_root)
-    val = split if split_name == "val" else common.load_split(args.dataset, "val", args.data_root)
+    split = common.load_split(args.dataset, split_name, args.data_root, args.image_size)
+    val = split if split_name == "val" else common.load_split(args.dataset, "val", args.data_root, args.image_size)
     common.check_episodes(split, args.n_way, args.shots, args.n_query, "--n-way, --shots or --n-query")
     if ck["bridge"] is not None:  # fixed-fusion picks its mix on val episodes of the same shape
         common.check_episodes(val, args.n_way, args.shots, args.n_query, "--n-way, --shots or --n-query")
@@ -252,11 +252,12 @@ def student_feats(run, ck, split, device):
 
 
 def teacher_feats(args, semantics_ck, split, device):
-    teacher, preprocess, _, tid = common.load_teacher(args.clip, args.clip_pretrained, device)
+    tid = common.check_teacher(args)  # its identity alone: the teacher is built only if its features are not cached
     if semantics_ck.get("teacher") is not None and not common.same_teacher(semantics_ck["teacher"], tid):
         raise common.UserError(f"{common.SEMANTICS} was mined with teacher {semantics_ck['teacher']}, "
                                f"not {tid}: pass the same --clip/--clip-pretrained")
-    return common.teacher_image_features(args.run, teacher, preprocess, tid, split, device).to(device)
+    teacher = lambda: common.load_teacher(args.clip, args.clip_pretrained, device)[:2]  # noqa: E731
+    return common.teacher_image_features(args.run, teacher, None, tid, split, device).to(device)
 
 
 def choose_mix(bridge, semantics_ck, f_val, val, shots, mixes, args, device):

@@ -244,6 +244,8 @@ def same_teacher(a, b):
     from a file, the same file content (wherever it lies), else the same pretrained tag."""
     if not a or not b:
         return a == b
+    if a.get("quick_gelu", False) != b.get("quick_gelu", False):  # the same weights in another network
+        return False
     if a.get("file_id") or b.get("file_id"):
         return a["name"] == b["name"] and a.get("file_id") == b.get("file_id")
     return a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained")
@@ -360,6 +362,7 @@ def add_common_args(p, dataset="toy", clip="toy-clip"):
     p.add_argument("--run", default="runs/toy", help="run folder: every stage reads and writes its files here")
     p.add_argument("--dataset", default=dataset, help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-root", default=None, help="folder of the real dataset (unused for the toy world)")
+    p.add_argument("--image-size", type=int, default=84, help="the student's input size for --dataset folder")
     p.add_argument("--clip", default=clip, help="open_clip model name (e.g. ViT-B-32), or toy-clip / toy-clip-tiny")
     p.add_argument("--clip-pretrained", default=None,
                    help="open_clip pretrained tag (e.g. openai) or a local checkpoint file; "
@@ -461,6 +464,7 @@ class Split:
     paths: list = None            # N image files (read on demand)
     size: int = 32                # the student's input size
     ids: list = field(default_factory=list)  # dataset-specific class ids (wnids, CIFAR names)
+    data_id: str = ""             # a hash of the data (file list, pickles or toy recipe): feature caches key on it
 
     def __len__(self):
         return len(self.labels)
@@ -468,7 +472,7 @@ class Split:
     def pil(self, i):
         """Image i at its native resolution, as a PIL image (what open_clip's preprocessing takes)."""
         from PIL import Image
-        if self.images is not None:
+        if self.paths is None:  # (files are read even when decoded once: `images` holds them at the student's size)
             return Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
         try:
             with Image.open(self.paths[i]) as im:
@@ -501,10 +505,69 @@ class StudentImages(torch.utils.data.Dataset):
         return self.split.student_batch([i])[0], self.split.labels[i], i
 
 
-def _toy(name, split, root, seed=0):
+def _toy(name, split, root, size=None, seed=0):
+    """The toy world, rendered once into the image store (the same pixels as rendering it)."""
     import toyworld
-    images, labels, classes = toyworld.build_split(name, split, seed)
-    return Split(name, split, classes, labels, images=images, size=toyworld.SIZE, ids=list(classes))
+    recipe = toyworld.split_recipe(name, split, seed)
+    classes = [toyworld.class_name(a) for a in toyworld.make_classes(seed)[split]]
+    labels = torch.arange(len(classes)).repeat_interleave(toyworld.SCALES[name]["n_train" if split == "train" else "n_eval"])
+
+    def render(out):
+        out[:] = toyworld.build_split(name, split, seed)[0].numpy()
+    images = image_store(f"{name}-{split}-{recipe}", (len(labels), 3, toyworld.SIZE, toyworld.SIZE), render)
+    return Split(name, split, classes, labels, images=images, size=toyworld.SIZE, ids=list(classes), data_id=recipe)
+
+
+def image_store(key, shape, fill):
+    """Decode once: uint8 images of `shape` [N, 3, H, W] in <cache>/images/<key>.npy, written by
+    the first call (fill(out) decodes or renders them into the memory-mapped array `out`) and
+    memory-mapped from disk by every later one, so tiered-ImageNet need not fit in memory.
+    Written to a temporary file, then renamed: a killed run never leaves half a store."""
+    path = os.path.join(cache_dir(), "images", f"{key}.npy")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}.npy"
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            fill(out)
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+    return torch.from_numpy(np.load(path, mmap_mode="c"))  # "c": pages read on demand, never written back
+
+
+def decode_once(split, workers=None):
+    """A split of image files with its images decoded once, at the student's size, into the
+    image store (keyed by the split's file list); every later pass reads the store. Files are
+    decoded by DataLoader workers; the teacher still reads the files (at its own resolution)."""
+    if split.paths is None or split.images is not None:
+        return split
+    from tqdm import tqdm
+
+    def decode(out):
+        n_workers = min(8, os.cpu_count() or 1) if workers is None and len(split) >= 1000 else (workers or 0)
+        loader = torch.utils.data.DataLoader(StudentImages(split), batch_size=64, num_workers=n_workers,
+                                             generator=torch.Generator())  # the global RNG is untouched
+        for images, _, idx in tqdm(loader, desc=f"decoding {split.dataset} {split.split} once", leave=False,
+                                   disable=len(split) < 1000):
+            out[idx.numpy()] = images.numpy()
+    shape = (len(split), 3, split.size, split.size)
+    split.images = image_store(f"{split.dataset}-{split.split}-{split.size}px-{split.data_id}", shape, decode)
+    return split
+
+
+def files_id(paths, *extra):
+    """A short hash of a file list (paths, sizes, modification times) and `extra`: another copy
+    of a dataset, or the same one changed, gets another id (without reading every file)."""
+    h = hashlib.sha256(repr(extra).encode())
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"{os.path.abspath(path)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 # The four real benchmarks. Their class lists (id, readable name) are the project's own
@@ -516,6 +579,8 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # compared in lower cas
 _CIFAR = "the folder that holds cifar-100-python/ (add --download to fetch it)"
 _FOLDERS = "train/, val/, test/ holding one folder of images per wnid"
 LAYOUTS = {"cifar-fs": _CIFAR, "fc100": _CIFAR, "tiered-imagenet": f"a folder with {_FOLDERS}",
+           "folder": "a folder with train/, val/, test/ holding one folder of images per class "
+                     "(and optionally classes.tsv: 'folder<TAB>readable name' lines)",
            "mini-imagenet": f"a folder with images/ and train.csv, val.csv, test.csv (Ravi layout) or {_FOLDERS}"}
 
 
@@ -596,15 +661,16 @@ def download(dataset, root):
         raise UserError(f"could not download CIFAR-100 into {root} ({type(e).__name__}: {e})")
 
 
-def _cifar(dataset, split, root):
+def _cifar(dataset, split, root, size=None):
     """cifar-fs (64/16/20 classes) and fc100 (60/20/20, by superclass): all 600 images of a class, 32x32."""
     images, fine, names = read_cifar100(_data_root(dataset, root))
+    data_id = files_id([os.path.join(root, "cifar-100-python", n) for n in ("meta", "train", "test")], dataset, split)
     classes = split_classes(dataset, split)
     index = {cid: c for c, (cid, _) in enumerate(classes)}
     labels = torch.tensor([index.get(n, -1) for n in names])[fine]  # -1: a class of another split
     keep = labels >= 0
     return _make_split(dataset, split, classes, labels[keep], os.path.join(root, "cifar-100-python"),
-                       images=images[keep], size=32)
+                       images=images[keep], size=32, data_id=data_id)
 
 
 def _ravi(dataset, split, root, index):
@@ -646,14 +712,40 @@ def _folders(dataset, split, root, index):
     return paths, labels, folder
 
 
-def _imagenet(dataset, split, root):
+def _imagenet(dataset, split, root, size=None):
     """mini-imagenet (Ravi or folder layout) and tiered-imagenet (folder layout): image files
     read on demand, resized to 84x84 for the student."""
     root, classes = _data_root(dataset, root), split_classes(dataset, split)
     index = {wnid: c for c, (wnid, _) in enumerate(classes)}
     ravi = dataset == "mini-imagenet" and os.path.isdir(os.path.join(root, "images"))  # else the folder layout
     paths, labels, where = (_ravi if ravi else _folders)(dataset, split, root, index)
-    return _make_split(dataset, split, classes, labels, where, paths=paths, size=84)
+    return _make_split(dataset, split, classes, labels, where, paths=paths, size=84,
+                       data_id=files_id(paths, labels))
+
+
+def folder_classes(root, split):
+    """Your own dataset: [(folder, readable name), ...] of root/<split>/<class>/, sorted by folder
+    (torchvision's ImageFolder order). Names come from root/classes.tsv ('folder<TAB>name' lines)
+    when it names the folder, else from the folder name with '_' and '-' read as spaces."""
+    folder = os.path.join(_data_root("folder", root), split)
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder} not found: --data-root should be {LAYOUTS['folder']}")
+    names, tsv = {}, os.path.join(root, "classes.tsv")
+    if os.path.isfile(tsv):
+        with open(tsv, encoding="utf-8") as f:
+            names = dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line and line.strip())
+    subs = sorted(d for d in os.listdir(folder) if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
+    return [(d, names.get(d, "").strip() or " ".join(d.replace("_", " ").replace("-", " ").split())) for d in subs]
+
+
+def _own(dataset, split, root, size=None):
+    """--dataset folder: root/{train,val,test}/<class>/<images>, at --image-size (default 84)."""
+    classes = folder_classes(root, split)
+    index = {d: c for c, (d, _) in enumerate(classes)}
+    paths, labels, where = _folders(dataset, split, root, index)
+    size = size or 84
+    return _make_split(dataset, split, classes, labels, where, paths=paths, size=size,
+                       data_id=files_id(paths, labels, size))
 
 
 def check_images(split):
@@ -668,26 +760,34 @@ def check_images(split):
             raise UserError(f"cannot read image {path} ({type(e).__name__}): replace or delete it")
 
 
-# name -> loader(name, split, root). The toy worlds are rendered on the fly.
+# name -> loader(name, split, root, size). The toy worlds are rendered once into the image store.
 DATASETS = {"toy": _toy, "toy-tiny": _toy, "cifar-fs": _cifar, "fc100": _cifar,
-            "mini-imagenet": _imagenet, "tiered-imagenet": _imagenet}
+            "mini-imagenet": _imagenet, "tiered-imagenet": _imagenet, "folder": _own}
 SPLITS = ("train", "val", "test")  # base / validation / novel classes
 
 
-def load_split(dataset, split, root=None):
+def read_split(dataset, split, root=None, size=None):
+    """One split as listed on disk (files not decoded yet); `size` is --image-size (folder only)."""
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset '{dataset}': choose one of {', '.join(DATASETS)}")
-    return DATASETS[dataset](dataset, split, root)
+    return DATASETS[dataset](dataset, split, root, size)
+
+
+def load_split(dataset, split, root=None, size=None):
+    """One split, its image files decoded once (decode_once) for every later pass."""
+    return decode_once(read_split(dataset, split, root, size))
 
 
 def class_names(dataset, root=None):
     """Readable class names per split: {"train": [...], "val": [...], "test": [...]}.
-    Read from the class lists alone (no image is loaded); `root` is not needed."""
+    Read from the class lists alone (no image is loaded); `root` is needed only by folder."""
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset '{dataset}': choose one of {', '.join(DATASETS)}")
     if dataset.startswith("toy"):
         import toyworld
         return {s: [toyworld.class_name(a) for a in toyworld.make_classes()[s]] for s in SPLITS}
+    if dataset == "folder":
+        return {s: [name for _, name in folder_classes(root, s)] for s in SPLITS}
     return {s: [name for _, name in split_classes(dataset, s)] for s in SPLITS}
 
 
@@ -702,50 +802,129 @@ def cache_dir():
     return os.environ.get("SYNTRANS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "syntrans"))
 
 
-def resolve_teacher(name, pretrained):
-    """(open_clip model name, pretrained tag/file) for a teacher. The toy teachers are
-    an open_clip config shipped in data/ plus a checkpoint file trained once here."""
-    import open_clip
+RANDOM = "random"  # --clip-pretrained random: an untrained CLIP, only when asked for (smoke tests)
+
+
+def check_teacher(args):
+    """Refuse, before any work, a teacher that would silently spoil a run: the toy teacher on
+    real data, or an open_clip model without weights. Returns the teacher's identity."""
+    if args.dataset not in DATASETS:
+        raise UserError(f"unknown dataset '{args.dataset}': choose one of {', '.join(DATASETS)}")
+    if args.clip in TOY_TEACHERS and not args.dataset.startswith("toy"):
+        raise UserError(f"{args.dataset} needs a real CLIP teacher, not the toy world's {args.clip}: pass "
+                        f"--clip ViT-B-32 --clip-pretrained openai (or a weights file)")
+    return teacher_identity(args.clip, args.clip_pretrained)
+
+
+def toy_teacher_file(name):
+    """Where the stand-in teacher `name` is cached; the file name records its recipe (renderer,
+    captions, config, sizes), so a changed toy world never reuses a teacher trained on the old one."""
+    import toyworld
+    return os.path.join(cache_dir(), f"{name}-{toyworld.teacher_recipe(TOY_TEACHERS[name])}.pt")
+
+
+def teacher_identity(name, pretrained):
+    """What names a teacher in checkpoints and cache keys, without building it: the model,
+    its tag or file (by content), and QuickGELU when its weights were trained with it.
+    Refuses an unknown model, tag or file, and a missing --clip-pretrained (random weights)."""
     if name in TOY_TEACHERS:
-        import toyworld
-        open_clip.add_model_config(toyworld.TEACHER_CONFIG)
+        if pretrained and not os.path.exists(pretrained):  # (without one, the stand-in is trained once)
+            raise UserError(f"--clip-pretrained '{pretrained}' is neither a file nor an open_clip tag of toy-clip "
+                            f"(tags: none)")
+        pretrained = pretrained or toy_teacher_file(name)
+        arch = "toy-clip"
+    else:
+        import open_clip
+        arch = name
+        if name not in open_clip.list_models():
+            raise UserError(f"unknown teacher '{name}': choose toy-clip, toy-clip-tiny or an open_clip model "
+                            f"such as ViT-B-32, RN50, ViT-B-16 (open_clip.list_models() has all)")
+        tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained is None:
-            # the file name records the recipe (renderer, captions, config, sizes), so a
-            # changed toy world never reuses a teacher trained on the old one
-            pretrained = os.path.join(cache_dir(), f"{name}-{toyworld.teacher_recipe(TOY_TEACHERS[name])}.pt")
-            if not os.path.exists(pretrained):
-                print(f"training the stand-in teacher {name} once (cached at {pretrained})")
-                toyworld.train_teacher(TOY_TEACHERS[name], pretrained)
-        return "toy-clip", pretrained
-    if name not in open_clip.list_models():
-        raise UserError(f"unknown teacher '{name}': choose toy-clip, toy-clip-tiny or an open_clip model "
-                        f"such as ViT-B-32, RN50, ViT-B-16 (open_clip.list_models() has all)")
-    return name, pretrained
+            raise UserError(f"--clip {name} without --clip-pretrained is a CLIP with random weights: pass "
+                            f"--clip-pretrained {'openai' if 'openai' in tags else (tags or ['FILE'])[0]} or a "
+                            f"weights file (--clip-pretrained {RANDOM} only for a smoke test)")
+        if pretrained != RANDOM and not os.path.exists(pretrained) and pretrained not in tags:
+            raise UserError(f"--clip-pretrained '{pretrained}' is neither a file nor an open_clip tag of {name} "
+                            f"(tags: {', '.join(tags) or 'none'})")
+    is_file = pretrained != RANDOM and os.path.exists(pretrained)
+    ident = {"name": name, "pretrained": os.path.basename(pretrained) if is_file else pretrained,
+             "file_id": file_id(pretrained) if is_file else ""}
+    if arch != "toy-clip" and quick_gelu(arch, pretrained):
+        ident["quick_gelu"] = True
+    return ident
+
+
+def quick_gelu(arch, pretrained):
+    """Were these weights trained with QuickGELU (OpenAI's CLIPs were)? open_clip builds most
+    models with GELU and only warns for a tag (and not at all for a file), so we decide:
+    the tag's own record; for a file, OpenAI's TorchScript release or a path that says openai;
+    a '-quickgelu' model name always."""
+    import open_clip
+    if arch.endswith("-quickgelu"):
+        return True
+    if pretrained == RANDOM or not pretrained:
+        return False
+    if not os.path.exists(pretrained):
+        return bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
+    return is_torchscript(pretrained) or "openai" in os.path.abspath(pretrained).lower()
+
+
+def is_torchscript(path):
+    """OpenAI's own downloads (ViT-B-32.pt, ...) are TorchScript archives: a zip with code/ and constants.pkl."""
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") for n in z.namelist())
 
 
 def load_teacher(name, pretrained=None, device="cpu"):
-    """Returns (model in eval mode with frozen parameters, image preprocess, tokenizer, identity)."""
+    """Returns (model in eval mode with frozen parameters, image preprocess, tokenizer, identity).
+    The toy teachers are an open_clip config shipped in data/ plus a checkpoint file trained
+    once here; real ones are any open_clip model with a tag, a weights file (OpenAI's TorchScript
+    files too) or, asked for explicitly, random weights."""
     import open_clip
-    given, (arch, pretrained) = pretrained, resolve_teacher(name, pretrained)
-    if pretrained and not os.path.exists(pretrained) and pretrained not in open_clip.list_pretrained_tags_by_model(arch):
-        raise UserError(f"--clip-pretrained '{pretrained}' is neither a file nor an open_clip tag of {arch} "
-                        f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'})")
+    ident = teacher_identity(name, pretrained)
+    arch, given = name, pretrained
+    if name in TOY_TEACHERS:
+        import toyworld
+        open_clip.add_model_config(toyworld.TEACHER_CONFIG)
+        arch, pretrained = "toy-clip", pretrained or toy_teacher_file(name)
+        if not os.path.exists(pretrained):
+            print(f"training the stand-in teacher {name} once (cached at {pretrained})")
+            toyworld.train_teacher(TOY_TEACHERS[name], pretrained)
+            ident = teacher_identity(name, pretrained)
+    jit = pretrained != RANDOM and os.path.exists(pretrained) and is_torchscript(pretrained)
+    weights = None if pretrained == RANDOM or jit else pretrained
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=weights, device=device, force_quick_gelu=bool(ident.get("quick_gelu")))
     except Exception as e:
-        if pretrained and os.path.isfile(pretrained):  # truncated, empty, random bytes, another model's weights
+        if weights and os.path.isfile(weights):  # truncated, empty, random bytes, another model's weights
             again = "pass a good weights file" if given else "it is trained again on the next run"
-            raise UserError(f"{pretrained} is not a readable weights file of {arch} ({type(e).__name__}): "
+            raise UserError(f"{weights} is not a readable weights file of {arch} ({type(e).__name__}): "
                             f"delete it ({again})") from None
         if isinstance(e, RuntimeError) and "download" in str(e).lower():
             raise UserError(f"could not fetch the weights of {arch}/{pretrained} (offline?): download them once "
                             f"on a connected machine and pass the file with --clip-pretrained")
         raise
+    if jit:  # OpenAI's TorchScript file: its state dict has open_clip's names, plus three constants
+        state = torch.jit.load(pretrained, map_location="cpu").state_dict()
+        unsaved = {n for n, _ in model.named_buffers()} - set(model.state_dict())  # e.g. the text attn_mask
+        for k in ("input_resolution", "context_length", "vocab_size", *unsaved):
+            state.pop(k, None)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"{pretrained} holds the weights of another model than {arch} "
+                            f"({str(e).splitlines()[0]}): pass the matching --clip")
     model.eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(arch)
-    ident = {"name": name, "pretrained": pretrained if not (pretrained and os.path.exists(pretrained))
-             else os.path.basename(pretrained), "file_id": file_id(pretrained) if pretrained and os.path.exists(pretrained) else ""}
-    return model, preprocess, tokenizer, ident
+    if arch != "toy-clip":
+        print(f"teacher {name} (" + ("random weights, as asked)" if pretrained == RANDOM else
+              f"{ident['pretrained']}, QuickGELU)" if ident.get("quick_gelu") else f"{ident['pretrained']}, "
+              f"GELU: if these are OpenAI's weights, name the model {name}-quickgelu)"))
+    return model, preprocess, open_clip.get_tokenizer(arch), ident
 
 
 TEXT_CHARS = 1000  # far more than 77 tokens of any text
@@ -788,14 +967,35 @@ def cached_features(run, key, compute):
     return feats
 
 
+class TeacherImages(torch.utils.data.Dataset):
+    """A split through the teacher's own preprocessing (its resolution and normalisation),
+    from the image files at their native size; for a DataLoader whose workers decode them."""
+
+    def __init__(self, split, preprocess):
+        self.split, self.preprocess = split, preprocess
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        return self.preprocess(self.split.pil(i))
+
+
 def teacher_image_features(run, model, preprocess, ident, split, device):
-    """L2-normalised teacher embeddings of every image of a split, through the teacher's
-    own preprocessing (its resolution and normalisation), cached."""
+    """L2-normalised teacher embeddings of every image of a split, cached. `model` may instead
+    be a function returning (model, preprocess) (with preprocess None): it is called only when
+    the features are not cached yet, so that a warm run never builds the teacher."""
     def compute():
-        def batch_fn(idx):
-            return torch.stack([preprocess(split.pil(i)) for i in idx])
-        return F.normalize(extract(model.encode_image, split, batch_fn, device, desc=f"teacher {split.split}"), dim=-1)
-    key = dict(kind="teacher", teacher=ident, dataset=split.dataset, split=split.split, n=len(split))
+        from tqdm import tqdm
+        m, p = model() if preprocess is None else (model, preprocess)
+        workers = min(8, os.cpu_count() or 1) if split.paths is not None and len(split) >= 500 else 0
+        loader = torch.utils.data.DataLoader(TeacherImages(split, p), batch_size=256, num_workers=workers,
+                                             generator=torch.Generator())  # its own: the global RNG is untouched
+        with torch.no_grad():
+            feats = [m.encode_image(x.to(device)).float().cpu()
+                     for x in tqdm(loader, desc=f"teacher {split.split}", leave=False, disable=len(split) <= 1024)]
+        return F.normalize(torch.cat(feats), dim=-1)
+    key = dict(kind="teacher", teacher=ident, dataset=split.dataset, split=split.split, n=len(split), data=split.data_id)
     return cached_features(run, key, compute)
 
 
@@ -806,7 +1006,8 @@ def student_features(run, student, student_id, split, device):
     def compute():
         return extract(student, split, lambda idx: to_student_input(split.student_batch(list(idx)), device),
                        device, desc=f"student {split.split}")
-    key = dict(kind="student", student=student_id, dataset=split.dataset, split=split.split, n=len(split))
+    key = dict(kind="student", student=student_id, dataset=split.dataset, split=split.split, n=len(split),
+               data=split.data_id)
     return cached_features(run, key, compute)
 
 
@@ -913,25 +1114,33 @@ def ci95(values):
 # `python common.py check`: is a dataset folder complete and readable?
 
 def _check():
-    """python common.py check --dataset D --data-root R [--download]: loads every split of a
-    dataset and decodes each image file; a bad folder gives a one-line error (exit code 2)."""
+    """python common.py check --dataset D --data-root R [--download] [--clip M --clip-pretrained P]:
+    loads every split of a dataset and decodes each image file, then (with --clip) loads the
+    teacher; a bad folder or teacher gives a one-line error (exit code 2)."""
     import argparse
     p = argparse.ArgumentParser(description=_check.__doc__)
     p.add_argument("command", choices=["check"])
     p.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-root", default=None, help="the dataset folder")
+    p.add_argument("--image-size", type=int, default=None, help="the student's input size (--dataset folder)")
     p.add_argument("--download", action="store_true", help="fetch CIFAR-100 first (cifar-fs, fc100)")
+    p.add_argument("--clip", default=None, help="also load this teacher (as the stages would)")
+    p.add_argument("--clip-pretrained", default=None, help="its tag or weights file")
     args = p.parse_args()
+    if args.clip:  # a wrong teacher is refused before the images are read
+        check_teacher(args)
     if args.download:
         download(args.dataset, args.data_root)
     for s in SPLITS:
-        split = load_split(args.dataset, s, args.data_root)
+        split = read_split(args.dataset, s, args.data_root, args.image_size)
         check_images(split)
         print(f"{s}: {len(split.classes)} classes, {len(split)} images ({', '.join(split.classes[:3])}, ...)")
         counts = torch.bincount(split.labels, minlength=len(split.classes))
         if counts.min() < 20:  # a few-shot episode takes 5 shots + 15 queries per class
             print(f"  warning: class {split.classes[int(counts.argmin())]} has only {int(counts.min())} images; "
                   f"5-shot episodes with 15 queries need 20")
+    if args.clip:
+        print("teacher:", load_teacher(args.clip, args.clip_pretrained)[3])
 
 
 if __name__ == "__main__":

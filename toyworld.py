@@ -292,6 +292,17 @@ def build_split(name, split, seed=0):
     return images, labels, [class_name(a) for a in classes]
 
 
+def split_recipe(name, split, seed=0):
+    """A short hash of everything build_split(name, split, seed) depends on (the renderer,
+    the classes, the sizes): the identity of a toy split's pixels without rendering them."""
+    import hashlib
+    import inspect
+    parts = [inspect.getsource(f) for f in (_polygon, _mask, _texture, render, _render_chunk, _render_many,
+                                             build_split, make_classes)]
+    parts += [repr((COLOURS, PATTERNS, SHAPES, RENDER, SIZE, SCALES[name], _STREAMS, name, split, seed))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def caption(attrs, rng):
     """Alt-text style caption: mentions a random subset of the attributes in synonyms
     and vague words, never in the label words that class names are made of."""

@@ -15,6 +15,10 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CACHE = os.path.join(REPO, ".cache", "tests")
 os.environ["SYNTRANS_CACHE"] = TEST_CACHE
+# the decode-once image stores of the tests' fake datasets (keyed by their temporary paths) do
+# not outlive a session; the toy ones are rendered again in seconds
+import shutil  # noqa: E402
+shutil.rmtree(os.path.join(TEST_CACHE, "images"), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -114,7 +114,7 @@ def test_the_scripts_training_generalises_to_unseen_classes(tmp_path, monkeypatc
                            classes, state={"student": common.ResNet12(widths).state_dict()})
     common.save_checkpoint(os.path.join(run, common.SEMANTICS), "mine", {}, "toy-tiny", classes,
                            state={s: world[s].t for s in common.SPLITS})
-    monkeypatch.setattr(common, "load_split", lambda dataset, split, root=None: world[split])
+    monkeypatch.setattr(common, "load_split", lambda dataset, split, root=None, size=None: world[split])
     monkeypatch.setattr(common, "student_features", lambda run, net, sid, split, device: split.feats)
     bridge_mod.main(["--run", run, *TINY, "--epochs", "50", "--hidden", "64", "--dropout", "0.1", "--lr", "3e-3",
                      "--batch-size", "256", "--val-episodes", "50"])

@@ -193,7 +193,7 @@ def test_the_scripts_training_gate_with_and_without_shuffle_semantics(tmp_path, 
         bridge.h = nn.Identity()
         return ck, None, bridge
     monkeypatch.setattr(clf, "load_upstream", load_upstream)
-    monkeypatch.setattr(common, "load_split", lambda dataset, split, root=None: splits[split])
+    monkeypatch.setattr(common, "load_split", lambda dataset, split, root=None, size=None: splits[split])
     monkeypatch.setattr(common, "student_features", lambda run, net, sid, split, device: split.feats)
 
     def gate(*flags):

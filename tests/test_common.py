@@ -327,7 +327,7 @@ def test_toy_teacher_is_a_frozen_open_clip_model_with_its_own_preprocessing(toy_
     cfg = teacher_config()
     assert isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP))
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    _, path = common.resolve_teacher("toy-clip-tiny", None)
+    path = common.toy_teacher_file("toy-clip-tiny")
     assert ident["name"] == "toy-clip-tiny" and ident["file_id"] == common.file_id(path)
     res = cfg["vision_cfg"]["image_size"]
     for size in [(32, 32), (84, 84), (50, 40)]:  # whatever size the student uses
@@ -340,7 +340,7 @@ def test_teacher_file_loads_like_the_in_memory_model(toy_teacher):
     """The local-file path that real CLIP weights take gives exactly the model that
     load_state_dict of the same file gives."""
     import open_clip
-    _, path = common.resolve_teacher("toy-clip-tiny", None)  # the file the fixture trained
+    path = common.toy_teacher_file("toy-clip-tiny")  # the file the fixture trained
     open_clip.add_model_config(toyworld.TEACHER_CONFIG)
     memory = open_clip.create_model("toy-clip")
     memory.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

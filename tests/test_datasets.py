@@ -172,7 +172,8 @@ def write_folders(root, dataset, per_class=1):
 
 def assert_file_split(s, dataset, split, per_class):
     n = SPLIT_SIZES[dataset][common.SPLITS.index(split)]
-    assert (len(s.classes), len(s), s.size, s.images) == (n, n * per_class, 84, None)
+    assert (len(s.classes), len(s), s.size) == (n, n * per_class, 84)
+    assert s.images.shape == (len(s), 3, 84, 84)  # decoded once into the image store
     assert s.ids == ids(dataset, split)
     assert sorted(s.labels.tolist()) == sorted(list(range(n)) * per_class)
     assert all(os.path.basename(p)[:9] == s.ids[c] for p, c in zip(s.paths, s.labels.tolist()))

@@ -36,7 +36,7 @@ def watched_run(tmp_path_factory):
     run = str(tmp_path_factory.mktemp("distill") / "run")
     seen = {"teachers": [], "optimised": []}
     real_load_teacher, real_sgd = common.load_teacher, torch.optim.SGD
-    teacher_file = common.resolve_teacher("toy-clip-tiny", None)[1]
+    teacher_file = common.toy_teacher_file("toy-clip-tiny")
     file_before = common.file_id(teacher_file)
 
     def load_teacher(*a, **kw):

@@ -181,7 +181,7 @@ def test_class_with_fewer_images_than_an_episode_needs_is_named(tiny_val):
 
 def test_stage1_refuses_a_val_split_too_small_for_its_episodes_before_training(tmp_path, capsys, monkeypatch):
     load = common.load_split
-    monkeypatch.setattr(common, "load_split", lambda d, s, r=None: short_class_split(load(d, s, r)) if s == "val"
+    monkeypatch.setattr(common, "load_split", lambda d, s, r=None, size=None: short_class_split(load(d, s, r)) if s == "val"
                         else load(d, s, r))
     code, out, err = run_stage(capsys, "01_distill", "--run", str(tmp_path), *TINY01)
     one_line_error(code, err, f"toy-tiny val class '{common.class_names('toy-tiny')['val'][3]}' has 10 images",
@@ -194,7 +194,8 @@ def test_stage1_refuses_a_val_split_too_small_for_its_episodes_before_training(t
 
 @pytest.mark.parametrize("argv,parts", [
     (["--dataset", "no-such"], ["unknown dataset 'no-such'", "toy-tiny", "mini-imagenet"]),
-    (["--dataset", "mini-imagenet", "--data-root", "/no/such/folder"], ["/no/such/folder is not a folder"]),
+    (["--dataset", "mini-imagenet", "--data-root", "/no/such/folder", "--clip", "RN50", "--clip-pretrained", "random"],
+     ["/no/such/folder is not a folder"]),
     (["--clip", "no-such-clip"], ["unknown teacher 'no-such-clip'", "toy-clip-tiny", "ViT-B-32"]),
     (["--batch-size", "5000"], ["--batch-size 1 to 1280"]),
     (["--epochs", "0"], ["--epochs must be at least 1"]),
@@ -595,7 +596,7 @@ def test_a_malicious_cifar_pickle_runs_nothing(tmp_path, capsys):
 @pytest.mark.parametrize("damage", ["empty", "random-bytes", "truncated"])
 @pytest.mark.parametrize("where", ["--clip-pretrained", "$SYNTRANS_CACHE"])
 def test_a_damaged_teacher_file_is_one_line(tmp_path, capsys, monkeypatch, damage, where):
-    good = common.resolve_teacher("toy-clip-tiny", None)[1]  # the tests' cached toy teacher
+    good = common.toy_teacher_file("toy-clip-tiny")  # the tests' cached toy teacher
     cache = tmp_path / "cache"
     path = cache / os.path.basename(good) if where == "$SYNTRANS_CACHE" else tmp_path / "teacher.pt"
     cache.mkdir()

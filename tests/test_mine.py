@@ -47,6 +47,8 @@ class ChatHandler(BaseHTTPRequestHandler):
             time.sleep(1.0)
         if model == "err500":
             return self.reply(500, b'{"error": "boom"}')
+        if model == "trickle":  # a byte every 0.05 s: each read is quick, the whole answer is not
+            return self.reply(200, b" " * 40 + b'{"choices": []}', every=0.05)
         if model == "garbage":
             return self.reply(200, b"<html>this is not json</html>")
         content = {"empty": "", "refuse": "I'm sorry, but I can't help with that.",  # echo: as a careless proxy
@@ -56,13 +58,17 @@ class ChatHandler(BaseHTTPRequestHandler):
                   "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]}
         self.reply(200, json.dumps(answer).encode())
 
-    def reply(self, code, data):
+    def reply(self, code, data, every=None):
         try:
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            for i in range(0, len(data), 1 if every else len(data) or 1):
+                self.wfile.write(data[i:i + 1] if every else data)
+                self.wfile.flush()
+                if every:
+                    time.sleep(every)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (the slow model)
             pass
 
@@ -116,6 +122,8 @@ def test_chat_client_cases(server):
         mine.chat(url, "garbage", "hi", timeout=5)
     with pytest.raises(mine.LLMError, match="empty"):
         mine.chat(url, "empty", "hi", timeout=5)
+    with pytest.raises(mine.LLMError, match="timeout after 0.5s"):  # --llm-timeout bounds the whole answer
+        mine.chat(url, "trickle", "hi", timeout=0.5)
     with pytest.raises(mine.LLMError, match="unreachable"):
         mine.chat("http://127.0.0.1:9/v1/chat/completions", "good", "hi", timeout=1)  # nothing listens there
 
