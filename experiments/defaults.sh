@@ -41,7 +41,7 @@ case "${1:-}" in
         run="$OUT/$name-seed$s"
         mkdir -p "$run"
         cp "$src/01_student.pt" "$src/02_semantics.pt" "$src/03_bridge.pt" "$run/"
-        cp -r "$src/cache" "$run/"  # the cached features of these files (their keys name what made them)
+        mkdir -p "$run/cache"; cp -r "$src/cache/." "$run/cache/"  # the cached features of these files (their keys name what made them)
         $PY 04_classifier.py --run "$run" --seed "$s" ${flags//[,=]/ }
         $PY 05_eval.py --run "$run" --seed "$s" --split val
         named+=("$name/$s=$run")

@@ -25,7 +25,7 @@ for s in $SEEDS; do
     echo "==== misread rate $r, training seed $s: $run"
     mkdir -p "$run"
     cp "$SEEDRUNS/seed$s/01_student.pt" "$SEEDRUNS/seed$s/01_student_ce.pt" "$run/"
-    cp -r "$SEEDRUNS/seed$s/cache" "$run/"  # the cached features (their keys name what made them)
+    mkdir -p "$run/cache"; cp -r "$SEEDRUNS/seed$s/cache/." "$run/cache/"  # the cached features (their keys name what made them)
     A="--run $run --dataset toy --clip toy-clip --seed $s"
     $PY 02_mine.py $A --llm toy --toy-misread-rate "$r"
     $PY 03_bridge.py $A
