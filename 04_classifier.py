@@ -38,8 +38,9 @@ Inputs   <run>/01_student.pt, <run>/02_semantics.pt, <run>/03_bridge.pt
 Outputs  <run>/04_classifier.pt (or --out NAME): generator, reconstructor, gate,
          temperature, config, upstream identities.
 
-Why it is built this way: meta-training on base classes teaches the gate whatever is
-true *of the base classes*, and three things made it learn the wrong lesson or none:
+Why it is built this way (what we saw while developing it; no shipped command
+measures these): meta-training on base classes teaches the gate whatever is true *of
+the base classes*, and three things made it learn the wrong lesson or none:
   - h(t_c) from the bridge fit on those same classes is nearly perfect, so the gate
     put all weight on semantics; stage 3's cross-fitted h(t_c) fixed that.
   - a gate that sees the weights themselves can learn which base classes have good
@@ -55,9 +56,9 @@ true *of the base classes*, and three things made it learn the wrong lesson or n
   the noise of one run; the default is kept because no alternative beats it).
 
 Our choices: base-class weights = normalised base feature centres (or the stage-1
-CE head with --base-weights head); shot count alternating between the --shots values from step to step, so one
-model serves 1-shot and 5-shot; AdamW; best checkpoint by mean val accuracy over
-1-shot and 5-shot episodes.
+CE head with --base-weights head); the shot count alternates between the --shots
+values from step to step, so one model serves 1-shot and 5-shot; AdamW; best
+checkpoint by mean val accuracy over 1-shot and 5-shot episodes.
 """
 import argparse
 import copy
