@@ -35,9 +35,11 @@ and a measurable effect, on a 2-core CPU in minutes:
   by default, 02_mine.py --toy-misread-rate): it believes one attribute is another
   value and says so in every statement that names it, as a language model does with
   a rare name it mixes up. Agreement between statements cannot expose that; the
-  support images can, which is the job of stage 4's per-class gate. (Without
-  misreading, every class's semantics were about equally good, and a fixed mix of
-  prototype and semantics was all a classifier could do: stage 4 was level with it.)
+  support images can, which is the job of stage 4's per-class gate. The rate is a
+  property of the simulated language model, a modelling choice that no accuracy
+  picked; what stage 4 adds depends on it, so `bash experiments/misread_sweep.sh`
+  reports it for rates 0, 0.1, 0.2 and 0.3 (README: without misreading, stage 4 is
+  level with a fixed mix of prototype and semantics).
 
 The stage scripts never import this module directly: they see the dataset name
 "toy" and the teacher name "toy-clip" through common.py.
