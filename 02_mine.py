@@ -539,9 +539,9 @@ def gather(args, classes, key):
 
 def score_candidates(embs, images=None, image_weight=1.0, k=2):
     """Scores of every candidate (see the header). embs: one [n_c, m] tensor of
-    L2-normalised text embeddings per class (all classes of all splits: specificity is
-    judged against every class); images: None or [C, m] mean image embeddings with
-    NaN rows for classes that have no images (val and novel classes).
+    L2-normalised text embeddings per class of one pool (POOLS below: specificity is
+    judged against every class given); images: None or [C, m] mean image embeddings
+    with NaN rows for classes that have no images (val and novel classes).
     Returns one dict of [n_c] tensors (agree, specific, image, score) per class."""
     C, m = len(embs), embs[0].shape[1]
     counts = torch.tensor([len(e) for e in embs])
