@@ -1,12 +1,12 @@
 """
 common.py: the little every SynTrans stage shares.
 
-  1. plumbing: device, seeds, user errors, atomic checkpoints, the run folder
-  2. the ResNet-12 student
+  1. the ResNet-12 student
+  2. few-shot episodes, the cosine nearest-centroid classifier and the 95% confidence interval
   3. datasets (the toy world and the real benchmarks) and their class names
   4. the CLIP teacher, loaded through open_clip only
   5. feature extraction with an on-disk cache
-  6. few-shot episodes, the cosine nearest-centroid classifier and the 95% confidence interval
+  6. plumbing: device, seeds, user errors, atomic checkpoints, the run folder, flag checks
 
 Each stage script (01_distill.py ... 05_eval.py) tells its own story and imports
 only these pieces.
@@ -44,336 +44,7 @@ RESULTS = "results.json"            # (05_eval.py)
 
 
 # ----------------------------------------------------------------------------------
-# 1. Plumbing
-
-class UserError(Exception):
-    """A mistake in the input (a path, a flag, a missing stage) rather than a bug:
-    reported as one line that says what to do, without a traceback."""
-
-
-_interrupt_hint = None  # set by on_interrupt(): what to say when the user presses Ctrl-C
-INTERRUPTED = "files are written whole or not at all, so nothing half-written was left; rerun the command"
-
-
-def on_interrupt(hint):
-    """Say what a Ctrl-C (SIGINT) leaves behind and how to go on: `hint` is a string or a
-    function returning one (called when the interrupt comes, so it can look at the disk)."""
-    global _interrupt_hint
-    _interrupt_hint = hint
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, a batch system's time limit): handled as a Ctrl-C is, exit code 143."""
-
-
-def _terminate(signum, frame):
-    raise Terminated
-
-
-def run_main(main):
-    """Call a stage's main(); user errors become a one-line message and exit code 2,
-    a Ctrl-C or SIGTERM a one-line message and exit code 130 or 143. Other exceptions are
-    bugs: traceback. Ctrl-C works even where the shell started us with SIGINT ignored
-    (`cmd &` in a script, nohup)."""
-    on_interrupt(None)
-    before = {s: signal.signal(s, h) for s, h in [(signal.SIGINT, signal.default_int_handler),
-                                                   (signal.SIGTERM, _terminate)]}
-    try:
-        main()
-    except UserError as e:
-        msg = str(e).strip()
-        if "\n" in msg:  # re-raised from a DataLoader worker: "Caught UserError in ...\n<traceback>"
-            msg = msg.splitlines()[-1].split("UserError: ", 1)[-1]
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as e:
-        hint = _interrupt_hint() if callable(_interrupt_hint) else _interrupt_hint
-        print(f"interrupted: {hint or INTERRUPTED}", file=sys.stderr)
-        sys.exit(143 if isinstance(e, Terminated) else 130)
-    finally:
-        for s, h in before.items():
-            signal.signal(s, h)
-
-
-def get_device(name=None):
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device '{name}' is not a device: use cpu or cuda (cuda:N for GPU N)") from None
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise UserError(f"--device {name}, but torch sees {torch.cuda.device_count()} usable CUDA GPU(s) here "
-                        f"(no driver, or another index): use --device cpu or omit --device")
-    return device
-
-
-def set_seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def file_id(path):
-    """A short content hash: identifies the exact upstream checkpoint a stage was built on."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def write_files(files):
-    """Write {path: bytes} as one step: each file to a temporary file, then all renamed. A
-    crash never leaves half a file; a failed write (disk full, read-only folder) changes
-    none of them, leaves no temporary file and is one line. Several files (02_semantics.pt
-    and 02_descriptions.json, results.json and results.md) always describe the same run:
-    Ctrl-C and SIGTERM wait until all are renamed, and another run's renames until ours are done."""
-    tmps = {path: f"{path}.tmp{os.getpid()}" for path in files}
-    path = None
-    try:
-        for path, data in files.items():
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(tmps[path], "wb") as f:
-                f.write(data)
-        path = None
-        with _one_step(files):
-            for path in files:
-                os.replace(tmps[path], path)
-    except BaseException as e:  # Ctrl-C included: no temp file is left behind
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        if isinstance(e, OSError):
-            full = " (the disk is full: free some space)" if e.errno == errno.ENOSPC else ""
-            raise UserError(f"cannot write {path or ', '.join(files)}: {e.strerror or e}{full}; "
-                            f"nothing was changed there") from None
-        raise
-
-
-@contextlib.contextmanager
-def _one_step(files):
-    """Renames of several files: the first folder locked against other runs' renames, and
-    Ctrl-C / SIGTERM held back until the end (the main thread handles signals)."""
-    if len(files) < 2 or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    import fcntl
-    pending, fd = [], os.open(os.path.dirname(os.path.abspath(next(iter(files)))), os.O_RDONLY)
-    before = {s: signal.signal(s, lambda n, _: pending.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # and with it the lock
-        for s, h in before.items():
-            signal.signal(s, h)
-        if pending:
-            signal.raise_signal(pending[0])
-
-
-def checkpoint_bytes(obj):
-    """torch.save into memory (so that a full disk is an OSError when the bytes are written,
-    not the zip writer's 'unexpected pos')."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getbuffer()
-
-
-def atomic_save(obj, path, together=None):
-    """torch.save, atomically; `together` ({path: text}): files written in the same step."""
-    write_files({path: checkpoint_bytes(obj), **{p: t.encode("utf-8") for p, t in (together or {}).items()}})
-
-
-def atomic_write_text(text, path):
-    write_files({path: text.encode("utf-8")})
-
-
-def save_checkpoint(path, stage, config, dataset, classes, state, upstream=None, together=None, **extra):
-    """Every checkpoint is a plain dict of tensors, numbers and strings, so that it
-    loads with torch.load(weights_only=True). It records what made it: the stage,
-    its config, the dataset and class names per split, and the upstream checkpoints
-    (name -> content id) it was built on, so that the next stage can refuse a mismatch.
-    `together` ({path: text}): files that describe the same run, written in the same step."""
-    ckpt = dict(format=FORMAT_VERSION, stage=stage, config=config, dataset=dataset,
-                classes=classes, state=state, upstream=upstream or {}, **extra)
-    atomic_save(ckpt, path, together)
-
-
-def load_checkpoint(path, stage, hint):
-    """Load a checkpoint written by `stage`; `hint` says how to make it when missing."""
-    if not os.path.exists(path):
-        raise UserError(f"{path} not found: {hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and {hint}")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else None
-        raise UserError(f"{path} has checkpoint format {found}, this code reads format {FORMAT_VERSION}: {hint}")
-    if ckpt.get("stage") != stage:
-        raise UserError(f"{path} was written by stage '{ckpt.get('stage')}', expected '{stage}': {hint}")
-    ckpt["id"], ckpt["path"] = file_id(path), path
-    return ckpt
-
-
-def check_finite(loss, where, last_finite, kept=None, fix="lower --lr"):
-    """Returns loss.item(); a NaN or infinite loss stops the stage with one line saying where,
-    the last finite loss and what is kept (`kept`: the last good checkpoint, if it exists)."""
-    value = loss.item()
-    if math.isfinite(value):
-        return value
-    before = "none yet" if last_finite is None else f"{last_finite:.6g}"
-    kept = f"the last good epoch is kept in {kept}" if kept and os.path.exists(kept) else "no checkpoint was written"
-    raise UserError(f"loss became {value} at {where} (last finite loss {before}): {fix}; {kept}")
-
-
-def check_same_config(ckpt, path, config, ignore=()):
-    """Refuse to resume from a checkpoint made with other flags (the result would be neither run)."""
-    diff = [k for k in sorted(set(config) | set(ckpt["config"])) if k not in ignore
-            and ckpt["config"].get(k) != config.get(k)]
-    if diff:
-        k = diff[0]
-        more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
-        raise UserError(f"{path} was made with --{k.replace('_', '-')} {ckpt['config'].get(k)}, not {config.get(k)}"
-                        f"{more}: resume with the same flags, or start over without --resume")
-
-
-def same_teacher(a, b):
-    """Two teacher identities name the same teacher: the same model and, for weights read
-    from a file, the same file content (wherever it lies), else the same pretrained tag."""
-    if not a or not b:
-        return a == b
-    if a.get("quick_gelu", False) != b.get("quick_gelu", False):  # the same weights in another network
-        return False
-    if a.get("file_id") or b.get("file_id"):
-        return a["name"] == b["name"] and a.get("file_id") == b.get("file_id")
-    return a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained")
-
-
-def teacher_advice(a, b, rerun):
-    """What to do about two teachers that differ: the same flags with other file content
-    means the weights file itself was replaced since (e.g. in $SYNTRANS_CACHE)."""
-    if a and b and a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained"):
-        return f"the teacher file {a.get('pretrained')} has other content now: rerun the stages from 01_distill.py"
-    return f"{rerun} with the same --clip/--clip-pretrained"
-
-
-def check_same_teacher(ckpts):
-    """Refuse upstream checkpoints ({path: checkpoint}) made with different teachers
-    (a checkpoint without one, e.g. the CE-only student, is compatible with any)."""
-    made = [(p, c["teacher"]) for p, c in ckpts.items() if c is not None and c.get("teacher")]
-    for p, t in made[1:]:
-        if not same_teacher(t, made[0][1]):
-            who = [" ".join(str(x[k]) for k in ("name", "pretrained", "file_id") if x.get(k)) for x in (made[0][1], t)]
-            raise UserError(f"{made[0][0]} was made with teacher {who[0]} but {p} with {who[1]}: "
-                            f"{teacher_advice(made[0][1], t, 'rerun the stages')}")
-
-
-def check_upstream(ckpt, path, name, expected_id, hint):
-    """Refuse a checkpoint built on another version of `name` than the one in the run folder."""
-    if name in ckpt.get("upstream", {}) and ckpt["upstream"][name] != expected_id:
-        raise UserError(f"{path} was built on another {name} than the one there now: {hint}")
-
-
-def check_same_world(ckpt, path, dataset, classes=None, teacher=None):
-    """Refuse an upstream checkpoint built on another dataset, class list or teacher."""
-    if ckpt["dataset"] != dataset:
-        raise UserError(f"{path} was built on dataset '{ckpt['dataset']}', not '{dataset}': "
-                        f"use another --run folder or rerun that stage with --dataset {dataset}")
-    if classes is not None and ckpt["classes"] != classes:
-        raise UserError(f"{path} was built with other class names than dataset '{dataset}' has now: rerun that stage")
-    if teacher is not None and not same_teacher(ckpt.get("teacher"), teacher):
-        raise UserError(f"{path} was built with teacher {ckpt.get('teacher')}, not {teacher}: "
-                        f"{teacher_advice(ckpt.get('teacher'), teacher, 'rerun that stage')}")
-
-
-def check_flags(args, ranges, out=None, stage=None):
-    """Refuse, before any work, flags a stage cannot use: a number outside its interval
-    (`ranges` maps a flag's attribute name to an interval such as "(0, inf)" or "[0, 1)";
-    NaN lies in none), a --run folder that cannot be written and, when `out` is given, a
-    file there that is not an earlier output of `stage` (it is never replaced). Then removes
-    the temporary files that a killed run left there."""
-    for name, interval in {"seed": "[0, 4294967295]", **ranges}.items():  # numpy takes 32-bit seeds
-        value, (lo, hi) = getattr(args, name), (float(x) for x in interval[1:-1].split(","))
-        above = lo < value if interval[0] == "(" else lo <= value
-        if not (above and (value < hi if interval[-1] == ")" else value <= hi)):
-            raise UserError(f"--{name.replace('_', '-')} {value} is out of range: use a value in {interval}")
-    folder = os.path.abspath(args.run)
-    while not os.path.exists(folder):  # the part of --run that exists already
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise UserError(f"--run {args.run}: {folder} is a file, not a folder: choose another --run")
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise UserError(f"--run {args.run} cannot be written ({e.strerror}): "
-                        f"choose a folder you can write to") from None
-    if out is not None:
-        check_output(out, stage)
-    remove_stale_temp_files(args.run)
-
-
-def remove_stale_temp_files(run):
-    """Remove, and say so, the temporary files (NAME.tmpPID) that a killed run (SIGKILL, a
-    power cut) left in the run folder: those of a process that no longer exists."""
-    gone = []
-    for folder in (run, os.path.join(run, "cache"), os.path.join(run, "cache", "llm")):
-        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            pid = name.rpartition(".tmp")[2]
-            if pid.isdigit() and not _alive(int(pid)):
-                os.remove(os.path.join(folder, name))
-                gone.append(name)
-    if gone:
-        print(f"removed {len(gone)} temporary file(s) that a killed run left in {run} ({', '.join(gone[:3])})")
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # another user's process; a number no pid has
-        pass
-    return True
-
-
-def check_output(path, stage):
-    """Refuse to replace a file that is not a checkpoint of `stage` (stage 2 with --out
-    01_student.pt would destroy hours of training): checked before any work."""
-    name = os.path.basename(path)
-    if not name.endswith(".pt") or name == ".pt":
-        raise UserError(f"--out '{name}' is not a checkpoint file name: use a name ending in .pt")
-    if not os.path.lexists(path):
-        return
-    try:
-        found = torch.load(path, map_location="cpu", weights_only=True)
-        found = found.get("stage") if isinstance(found, dict) else None
-    except Exception:
-        found = None
-    if found != stage:
-        what = f"a checkpoint of stage '{found}'" if found else "not a checkpoint"
-        raise UserError(f"{path} exists and is {what}; this stage ('{stage}') does not replace it: "
-                        f"choose another --out, or delete the file first")
-
-
-def add_common_args(p, dataset="toy", clip="toy-clip"):
-    """The flags every stage shares: where the run lives, what data and which teacher."""
-    p.add_argument("--run", default="runs/toy", help="run folder: every stage reads and writes its files here")
-    p.add_argument("--dataset", default=dataset, help=f"one of {', '.join(DATASETS)}")
-    p.add_argument("--data-root", default=None, help="folder of the real dataset (unused for the toy world)")
-    p.add_argument("--image-size", type=int, default=84, help="the student's input size for --dataset folder")
-    p.add_argument("--clip", default=clip, help="open_clip model name (e.g. ViT-B-32), or toy-clip / toy-clip-tiny")
-    p.add_argument("--clip-pretrained", default=None,
-                   help="open_clip pretrained tag (e.g. openai) or a local checkpoint file; "
-                        "toy teachers are trained once and cached when omitted")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    return p
-
-
-# ----------------------------------------------------------------------------------
-# 2. The ResNet-12 student (the standard few-shot backbone: 4 residual blocks of
+# 1. The ResNet-12 student (the standard few-shot backbone: 4 residual blocks of
 #    three 3x3 convs, BN and LeakyReLU 0.1, each followed by a 2x2 max-pool)
 
 class DropBlock(nn.Module):
@@ -447,6 +118,105 @@ def to_student_input(images_uint8, device):
     """uint8 [B,3,H,W] -> normalised float on `device` (the student's preprocessing)."""
     x = images_uint8.to(device, non_blocking=True).float().div_(255)
     return (x - IMAGE_MEAN.to(device)) / IMAGE_STD.to(device)
+
+
+# ----------------------------------------------------------------------------------
+# 2. Few-shot episodes and the cosine nearest-centroid classifier
+
+def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, seed):
+    """A fixed list of N-way K-shot episodes, Q queries per class, from a labelled set.
+
+    Returns (classes [E, n_way], index [E, n_way, k_shot + n_query]): index[e, c, :k]
+    are the support images of class classes[e, c], the rest its queries (disjoint).
+    The same seed always gives the same episodes, so every method is scored on the
+    same ones."""
+    labels = torch.as_tensor(labels)
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    if n_classes < n_way:
+        raise ValueError(f"{n_way}-way episodes need {n_way} classes; this split has {n_classes}")
+    per_class = [torch.nonzero(labels == c).flatten() for c in range(n_classes)]
+    short = [c for c, idx in enumerate(per_class) if len(idx) < k_shot + n_query]
+    if short:
+        raise ValueError(f"{k_shot}-shot episodes with {n_query} queries need {k_shot + n_query} images per class; "
+                         f"class {short[0]} has {len(per_class[short[0]])}")
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.stack([torch.randperm(n_classes, generator=g)[:n_way] for _ in range(n_episodes)])
+    index = torch.stack([torch.stack([per_class[c][torch.randperm(len(per_class[c]), generator=g)[:k_shot + n_query]]
+                                      for c in ep.tolist()]) for ep in classes])
+    return classes, index
+
+
+def parse_list(text, flag, kind=int, what="numbers", example="1,5", n=None, low=None):
+    """'1,5' -> [1, 5]; anything else (an empty item, a word, nan; not `n` values, one below
+    `low`) is refused in one line."""
+    try:
+        values = [kind(x) for x in str(text).split(",")]
+    except ValueError:
+        values = None
+    if (not values or not all(math.isfinite(v) for v in values) or (n and len(values) != n)
+            or (low is not None and min(values) < low)):
+        raise UserError(f"{flag}: '{text}' is not a comma-separated list of {what} such as {example}")
+    return values
+
+
+def check_episodes(split, n_way, shots, n_query, flags=None, min_shot=1):
+    """Refuse, before any training, N-way episodes with `shots` (an int, or a string such as
+    "1,5") support and n_query query images per class that `split` cannot supply. `flags`
+    names the command-line flags that set them. Returns the shot counts as a list of ints."""
+    shots = parse_list(shots, flags or "shots", int, "shot counts", "1,5")
+    fix = f": lower {flags}" if flags else ": the dataset is incomplete (python common.py check warns about such classes)"
+    if n_way < 2 or min(shots) < min_shot or n_query < 1:
+        raise UserError(f"{n_way}-way {','.join(map(str, shots))}-shot episodes with {n_query} queries: use at "
+                        f"least 2 ways, {min_shot} shot{'s' * (min_shot != 1)} and 1 query ({flags or 'fixed here'})")
+    if n_way > len(split.classes):
+        raise UserError(f"{n_way}-way episodes need {n_way} classes; {split.dataset} {split.split} has "
+                        f"{len(split.classes)}{fix}")
+    counts = torch.bincount(split.labels, minlength=len(split.classes))
+    need = max(shots) + n_query
+    if counts.min() < need:
+        c = int(counts.argmin())
+        raise UserError(f"{split.dataset} {split.split} class '{split.classes[c]}' has {int(counts[c])} images; "
+                        f"{max(shots)}-shot episodes with {n_query} queries need {need}{fix}")
+    return shots
+
+
+def split_episodes(feats, index, k_shot):
+    """support [E, N, K, d] and query [E, N, Q, d] features of a batch of episodes."""
+    x = feats[index]
+    return x[:, :, :k_shot], x[:, :, k_shot:]
+
+
+def accuracy_from_logits(logits):
+    """logits [E, N, Q, N] (query of class n scored against every class) -> accuracy per episode [E]."""
+    target = torch.arange(logits.shape[1], device=logits.device).view(1, -1, 1)
+    return (logits.argmax(-1) == target).float().mean(dim=(1, 2))
+
+
+def protonet_logits(support, query):
+    """Cosine nearest-centroid (ProtoNet's mean-support prototypes, scored by cosine rather than
+    ProtoNet's squared Euclidean distance; SimpleShot without centring): [E, N, Q, N]."""
+    protos = F.normalize(support.mean(2), dim=-1)  # [E, N, d]
+    return torch.einsum("enqd,ecd->enqc", F.normalize(query, dim=-1), protos)
+
+
+def protonet_accuracy(feats, index, k_shot, batch=500):
+    """Per-episode cosine nearest-centroid accuracy [E] on precomputed features."""
+    accs = [accuracy_from_logits(protonet_logits(*split_episodes(feats, index[i:i + batch], k_shot)))
+            for i in range(0, len(index), batch)]
+    return torch.cat(accs)
+
+
+def class_centres(feats, labels, n_classes):
+    """[C, d]: the normalised mean of each class's normalised features (the full-data
+    class weight that the bridge and the reconstructor aim at)."""
+    labels = labels.to(feats.device)
+    return F.normalize(torch.stack([F.normalize(feats[labels == c], dim=-1).mean(0) for c in range(n_classes)]), dim=-1)
+
+
+def ci95(values):
+    """Mean and 95% interval half-width (1.96 * std / sqrt(n)) of per-episode values."""
+    v = torch.as_tensor(values, dtype=torch.float64)
+    return v.mean().item(), (1.96 * v.std(unbiased=True) / len(v) ** 0.5).item() if len(v) > 1 else 0.0
 
 
 # ----------------------------------------------------------------------------------
@@ -1012,102 +782,332 @@ def student_features(run, student, student_id, split, device):
 
 
 # ----------------------------------------------------------------------------------
-# 6. Few-shot episodes and the cosine nearest-centroid classifier
+# 6. Plumbing
 
-def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, seed):
-    """A fixed list of N-way K-shot episodes, Q queries per class, from a labelled set.
-
-    Returns (classes [E, n_way], index [E, n_way, k_shot + n_query]): index[e, c, :k]
-    are the support images of class classes[e, c], the rest its queries (disjoint).
-    The same seed always gives the same episodes, so every method is scored on the
-    same ones."""
-    labels = torch.as_tensor(labels)
-    n_classes = int(labels.max()) + 1 if len(labels) else 0
-    if n_classes < n_way:
-        raise ValueError(f"{n_way}-way episodes need {n_way} classes; this split has {n_classes}")
-    per_class = [torch.nonzero(labels == c).flatten() for c in range(n_classes)]
-    short = [c for c, idx in enumerate(per_class) if len(idx) < k_shot + n_query]
-    if short:
-        raise ValueError(f"{k_shot}-shot episodes with {n_query} queries need {k_shot + n_query} images per class; "
-                         f"class {short[0]} has {len(per_class[short[0]])}")
-    g = torch.Generator().manual_seed(seed)
-    classes = torch.stack([torch.randperm(n_classes, generator=g)[:n_way] for _ in range(n_episodes)])
-    index = torch.stack([torch.stack([per_class[c][torch.randperm(len(per_class[c]), generator=g)[:k_shot + n_query]]
-                                      for c in ep.tolist()]) for ep in classes])
-    return classes, index
+class UserError(Exception):
+    """A mistake in the input (a path, a flag, a missing stage) rather than a bug:
+    reported as one line that says what to do, without a traceback."""
 
 
-def parse_list(text, flag, kind=int, what="numbers", example="1,5", n=None, low=None):
-    """'1,5' -> [1, 5]; anything else (an empty item, a word, nan; not `n` values, one below
-    `low`) is refused in one line."""
+_interrupt_hint = None  # set by on_interrupt(): what to say when the user presses Ctrl-C
+INTERRUPTED = "files are written whole or not at all, so nothing half-written was left; rerun the command"
+
+
+def on_interrupt(hint):
+    """Say what a Ctrl-C (SIGINT) leaves behind and how to go on: `hint` is a string or a
+    function returning one (called when the interrupt comes, so it can look at the disk)."""
+    global _interrupt_hint
+    _interrupt_hint = hint
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a batch system's time limit): handled as a Ctrl-C is, exit code 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def run_main(main):
+    """Call a stage's main(); user errors become a one-line message and exit code 2,
+    a Ctrl-C or SIGTERM a one-line message and exit code 130 or 143. Other exceptions are
+    bugs: traceback. Ctrl-C works even where the shell started us with SIGINT ignored
+    (`cmd &` in a script, nohup)."""
+    on_interrupt(None)
+    before = {s: signal.signal(s, h) for s, h in [(signal.SIGINT, signal.default_int_handler),
+                                                   (signal.SIGTERM, _terminate)]}
     try:
-        values = [kind(x) for x in str(text).split(",")]
-    except ValueError:
-        values = None
-    if (not values or not all(math.isfinite(v) for v in values) or (n and len(values) != n)
-            or (low is not None and min(values) < low)):
-        raise UserError(f"{flag}: '{text}' is not a comma-separated list of {what} such as {example}")
-    return values
+        main()
+    except UserError as e:
+        msg = str(e).strip()
+        if "\n" in msg:  # re-raised from a DataLoader worker: "Caught UserError in ...\n<traceback>"
+            msg = msg.splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        hint = _interrupt_hint() if callable(_interrupt_hint) else _interrupt_hint
+        print(f"interrupted: {hint or INTERRUPTED}", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
-def check_episodes(split, n_way, shots, n_query, flags=None, min_shot=1):
-    """Refuse, before any training, N-way episodes with `shots` (an int, or a string such as
-    "1,5") support and n_query query images per class that `split` cannot supply. `flags`
-    names the command-line flags that set them. Returns the shot counts as a list of ints."""
-    shots = parse_list(shots, flags or "shots", int, "shot counts", "1,5")
-    fix = f": lower {flags}" if flags else ": the dataset is incomplete (python common.py check warns about such classes)"
-    if n_way < 2 or min(shots) < min_shot or n_query < 1:
-        raise UserError(f"{n_way}-way {','.join(map(str, shots))}-shot episodes with {n_query} queries: use at "
-                        f"least 2 ways, {min_shot} shot{'s' * (min_shot != 1)} and 1 query ({flags or 'fixed here'})")
-    if n_way > len(split.classes):
-        raise UserError(f"{n_way}-way episodes need {n_way} classes; {split.dataset} {split.split} has "
-                        f"{len(split.classes)}{fix}")
-    counts = torch.bincount(split.labels, minlength=len(split.classes))
-    need = max(shots) + n_query
-    if counts.min() < need:
-        c = int(counts.argmin())
-        raise UserError(f"{split.dataset} {split.split} class '{split.classes[c]}' has {int(counts[c])} images; "
-                        f"{max(shots)}-shot episodes with {n_query} queries need {need}{fix}")
-    return shots
+def get_device(name=None):
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device '{name}' is not a device: use cpu or cuda (cuda:N for GPU N)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"--device {name}, but torch sees {torch.cuda.device_count()} usable CUDA GPU(s) here "
+                        f"(no driver, or another index): use --device cpu or omit --device")
+    return device
 
 
-def split_episodes(feats, index, k_shot):
-    """support [E, N, K, d] and query [E, N, Q, d] features of a batch of episodes."""
-    x = feats[index]
-    return x[:, :, :k_shot], x[:, :, k_shot:]
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
-def accuracy_from_logits(logits):
-    """logits [E, N, Q, N] (query of class n scored against every class) -> accuracy per episode [E]."""
-    target = torch.arange(logits.shape[1], device=logits.device).view(1, -1, 1)
-    return (logits.argmax(-1) == target).float().mean(dim=(1, 2))
+def file_id(path):
+    """A short content hash: identifies the exact upstream checkpoint a stage was built on."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
-def protonet_logits(support, query):
-    """Cosine nearest-centroid (ProtoNet's mean-support prototypes, scored by cosine rather than
-    ProtoNet's squared Euclidean distance; SimpleShot without centring): [E, N, Q, N]."""
-    protos = F.normalize(support.mean(2), dim=-1)  # [E, N, d]
-    return torch.einsum("enqd,ecd->enqc", F.normalize(query, dim=-1), protos)
+def write_files(files):
+    """Write {path: bytes} as one step: each file to a temporary file, then all renamed. A
+    crash never leaves half a file; a failed write (disk full, read-only folder) changes
+    none of them, leaves no temporary file and is one line. Several files (02_semantics.pt
+    and 02_descriptions.json, results.json and results.md) always describe the same run:
+    Ctrl-C and SIGTERM wait until all are renamed, and another run's renames until ours are done."""
+    tmps = {path: f"{path}.tmp{os.getpid()}" for path in files}
+    path = None
+    try:
+        for path, data in files.items():
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(tmps[path], "wb") as f:
+                f.write(data)
+        path = None
+        with _one_step(files):
+            for path in files:
+                os.replace(tmps[path], path)
+    except BaseException as e:  # Ctrl-C included: no temp file is left behind
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if isinstance(e, OSError):
+            full = " (the disk is full: free some space)" if e.errno == errno.ENOSPC else ""
+            raise UserError(f"cannot write {path or ', '.join(files)}: {e.strerror or e}{full}; "
+                            f"nothing was changed there") from None
+        raise
 
 
-def protonet_accuracy(feats, index, k_shot, batch=500):
-    """Per-episode cosine nearest-centroid accuracy [E] on precomputed features."""
-    accs = [accuracy_from_logits(protonet_logits(*split_episodes(feats, index[i:i + batch], k_shot)))
-            for i in range(0, len(index), batch)]
-    return torch.cat(accs)
+@contextlib.contextmanager
+def _one_step(files):
+    """Renames of several files: the first folder locked against other runs' renames, and
+    Ctrl-C / SIGTERM held back until the end (the main thread handles signals)."""
+    if len(files) < 2 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import fcntl
+    pending, fd = [], os.open(os.path.dirname(os.path.abspath(next(iter(files)))), os.O_RDONLY)
+    before = {s: signal.signal(s, lambda n, _: pending.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+        for s, h in before.items():
+            signal.signal(s, h)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
-def class_centres(feats, labels, n_classes):
-    """[C, d]: the normalised mean of each class's normalised features (the full-data
-    class weight that the bridge and the reconstructor aim at)."""
-    labels = labels.to(feats.device)
-    return F.normalize(torch.stack([F.normalize(feats[labels == c], dim=-1).mean(0) for c in range(n_classes)]), dim=-1)
+def checkpoint_bytes(obj):
+    """torch.save into memory (so that a full disk is an OSError when the bytes are written,
+    not the zip writer's 'unexpected pos')."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getbuffer()
 
 
-def ci95(values):
-    """Mean and 95% interval half-width (1.96 * std / sqrt(n)) of per-episode values."""
-    v = torch.as_tensor(values, dtype=torch.float64)
-    return v.mean().item(), (1.96 * v.std(unbiased=True) / len(v) ** 0.5).item() if len(v) > 1 else 0.0
+def atomic_save(obj, path, together=None):
+    """torch.save, atomically; `together` ({path: text}): files written in the same step."""
+    write_files({path: checkpoint_bytes(obj), **{p: t.encode("utf-8") for p, t in (together or {}).items()}})
+
+
+def atomic_write_text(text, path):
+    write_files({path: text.encode("utf-8")})
+
+
+def save_checkpoint(path, stage, config, dataset, classes, state, upstream=None, together=None, **extra):
+    """Every checkpoint is a plain dict of tensors, numbers and strings, so that it
+    loads with torch.load(weights_only=True). It records what made it: the stage,
+    its config, the dataset and class names per split, and the upstream checkpoints
+    (name -> content id) it was built on, so that the next stage can refuse a mismatch.
+    `together` ({path: text}): files that describe the same run, written in the same step."""
+    ckpt = dict(format=FORMAT_VERSION, stage=stage, config=config, dataset=dataset,
+                classes=classes, state=state, upstream=upstream or {}, **extra)
+    atomic_save(ckpt, path, together)
+
+
+def load_checkpoint(path, stage, hint):
+    """Load a checkpoint written by `stage`; `hint` says how to make it when missing."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: {hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and {hint}")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else None
+        raise UserError(f"{path} has checkpoint format {found}, this code reads format {FORMAT_VERSION}: {hint}")
+    if ckpt.get("stage") != stage:
+        raise UserError(f"{path} was written by stage '{ckpt.get('stage')}', expected '{stage}': {hint}")
+    ckpt["id"], ckpt["path"] = file_id(path), path
+    return ckpt
+
+
+def check_finite(loss, where, last_finite, kept=None, fix="lower --lr"):
+    """Returns loss.item(); a NaN or infinite loss stops the stage with one line saying where,
+    the last finite loss and what is kept (`kept`: the last good checkpoint, if it exists)."""
+    value = loss.item()
+    if math.isfinite(value):
+        return value
+    before = "none yet" if last_finite is None else f"{last_finite:.6g}"
+    kept = f"the last good epoch is kept in {kept}" if kept and os.path.exists(kept) else "no checkpoint was written"
+    raise UserError(f"loss became {value} at {where} (last finite loss {before}): {fix}; {kept}")
+
+
+def check_same_config(ckpt, path, config, ignore=()):
+    """Refuse to resume from a checkpoint made with other flags (the result would be neither run)."""
+    diff = [k for k in sorted(set(config) | set(ckpt["config"])) if k not in ignore
+            and ckpt["config"].get(k) != config.get(k)]
+    if diff:
+        k = diff[0]
+        more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+        raise UserError(f"{path} was made with --{k.replace('_', '-')} {ckpt['config'].get(k)}, not {config.get(k)}"
+                        f"{more}: resume with the same flags, or start over without --resume")
+
+
+def same_teacher(a, b):
+    """Two teacher identities name the same teacher: the same model and, for weights read
+    from a file, the same file content (wherever it lies), else the same pretrained tag."""
+    if not a or not b:
+        return a == b
+    if a.get("quick_gelu", False) != b.get("quick_gelu", False):  # the same weights in another network
+        return False
+    if a.get("file_id") or b.get("file_id"):
+        return a["name"] == b["name"] and a.get("file_id") == b.get("file_id")
+    return a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained")
+
+
+def teacher_advice(a, b, rerun):
+    """What to do about two teachers that differ: the same flags with other file content
+    means the weights file itself was replaced since (e.g. in $SYNTRANS_CACHE)."""
+    if a and b and a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained"):
+        return f"the teacher file {a.get('pretrained')} has other content now: rerun the stages from 01_distill.py"
+    return f"{rerun} with the same --clip/--clip-pretrained"
+
+
+def check_same_teacher(ckpts):
+    """Refuse upstream checkpoints ({path: checkpoint}) made with different teachers
+    (a checkpoint without one, e.g. the CE-only student, is compatible with any)."""
+    made = [(p, c["teacher"]) for p, c in ckpts.items() if c is not None and c.get("teacher")]
+    for p, t in made[1:]:
+        if not same_teacher(t, made[0][1]):
+            who = [" ".join(str(x[k]) for k in ("name", "pretrained", "file_id") if x.get(k)) for x in (made[0][1], t)]
+            raise UserError(f"{made[0][0]} was made with teacher {who[0]} but {p} with {who[1]}: "
+                            f"{teacher_advice(made[0][1], t, 'rerun the stages')}")
+
+
+def check_upstream(ckpt, path, name, expected_id, hint):
+    """Refuse a checkpoint built on another version of `name` than the one in the run folder."""
+    if name in ckpt.get("upstream", {}) and ckpt["upstream"][name] != expected_id:
+        raise UserError(f"{path} was built on another {name} than the one there now: {hint}")
+
+
+def check_same_world(ckpt, path, dataset, classes=None, teacher=None):
+    """Refuse an upstream checkpoint built on another dataset, class list or teacher."""
+    if ckpt["dataset"] != dataset:
+        raise UserError(f"{path} was built on dataset '{ckpt['dataset']}', not '{dataset}': "
+                        f"use another --run folder or rerun that stage with --dataset {dataset}")
+    if classes is not None and ckpt["classes"] != classes:
+        raise UserError(f"{path} was built with other class names than dataset '{dataset}' has now: rerun that stage")
+    if teacher is not None and not same_teacher(ckpt.get("teacher"), teacher):
+        raise UserError(f"{path} was built with teacher {ckpt.get('teacher')}, not {teacher}: "
+                        f"{teacher_advice(ckpt.get('teacher'), teacher, 'rerun that stage')}")
+
+
+def check_flags(args, ranges, out=None, stage=None):
+    """Refuse, before any work, flags a stage cannot use: a number outside its interval
+    (`ranges` maps a flag's attribute name to an interval such as "(0, inf)" or "[0, 1)";
+    NaN lies in none), a --run folder that cannot be written and, when `out` is given, a
+    file there that is not an earlier output of `stage` (it is never replaced). Then removes
+    the temporary files that a killed run left there."""
+    for name, interval in {"seed": "[0, 4294967295]", **ranges}.items():  # numpy takes 32-bit seeds
+        value, (lo, hi) = getattr(args, name), (float(x) for x in interval[1:-1].split(","))
+        above = lo < value if interval[0] == "(" else lo <= value
+        if not (above and (value < hi if interval[-1] == ")" else value <= hi)):
+            raise UserError(f"--{name.replace('_', '-')} {value} is out of range: use a value in {interval}")
+    folder = os.path.abspath(args.run)
+    while not os.path.exists(folder):  # the part of --run that exists already
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"--run {args.run}: {folder} is a file, not a folder: choose another --run")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"--run {args.run} cannot be written ({e.strerror}): "
+                        f"choose a folder you can write to") from None
+    if out is not None:
+        check_output(out, stage)
+    remove_stale_temp_files(args.run)
+
+
+def remove_stale_temp_files(run):
+    """Remove, and say so, the temporary files (NAME.tmpPID) that a killed run (SIGKILL, a
+    power cut) left in the run folder: those of a process that no longer exists."""
+    gone = []
+    for folder in (run, os.path.join(run, "cache"), os.path.join(run, "cache", "llm")):
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            pid = name.rpartition(".tmp")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                os.remove(os.path.join(folder, name))
+                gone.append(name)
+    if gone:
+        print(f"removed {len(gone)} temporary file(s) that a killed run left in {run} ({', '.join(gone[:3])})")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a number no pid has
+        pass
+    return True
+
+
+def check_output(path, stage):
+    """Refuse to replace a file that is not a checkpoint of `stage` (stage 2 with --out
+    01_student.pt would destroy hours of training): checked before any work."""
+    name = os.path.basename(path)
+    if not name.endswith(".pt") or name == ".pt":
+        raise UserError(f"--out '{name}' is not a checkpoint file name: use a name ending in .pt")
+    if not os.path.lexists(path):
+        return
+    try:
+        found = torch.load(path, map_location="cpu", weights_only=True)
+        found = found.get("stage") if isinstance(found, dict) else None
+    except Exception:
+        found = None
+    if found != stage:
+        what = f"a checkpoint of stage '{found}'" if found else "not a checkpoint"
+        raise UserError(f"{path} exists and is {what}; this stage ('{stage}') does not replace it: "
+                        f"choose another --out, or delete the file first")
+
+
+def add_common_args(p, dataset="toy", clip="toy-clip"):
+    """The flags every stage shares: where the run lives, what data and which teacher."""
+    p.add_argument("--run", default="runs/toy", help="run folder: every stage reads and writes its files here")
+    p.add_argument("--dataset", default=dataset, help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data-root", default=None, help="folder of the real dataset (unused for the toy world)")
+    p.add_argument("--image-size", type=int, default=84, help="the student's input size for --dataset folder")
+    p.add_argument("--clip", default=clip, help="open_clip model name (e.g. ViT-B-32), or toy-clip / toy-clip-tiny")
+    p.add_argument("--clip-pretrained", default=None,
+                   help="open_clip pretrained tag (e.g. openai) or a local checkpoint file; "
+                        "toy teachers are trained once and cached when omitted")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    return p
 
 
 # ----------------------------------------------------------------------------------
