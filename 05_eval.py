@@ -197,8 +197,8 @@ def main(argv=None):
             needs["text"] = semantics("semantics")
             if ck["bridge"] is not None:
                 bridge = Bridge.from_checkpoint(ck["bridge"], device)
-                mix = choose_mix(bridge, ck["semantics"], student_feats(run, st, val, device), val, shots, mixes,
-                                 args, device)
+                f_val = feats["student"] if split_name == "val" else student_feats(run, st, val, device)
+                mix = choose_mix(bridge, ck["semantics"], f_val, val, shots, mixes, args, device)
                 needs["bridge"] = {"w": bridge.to_visual(needs["text"]), "mix": mix}
         for name, sem, br in [("syntrans", "semantics", "bridge"), ("syntrans-fixed-gate", "semantics", "bridge"),
                               ("syntrans-shuffled", "semantics", "bridge"),
