@@ -50,30 +50,8 @@ import torch.nn.functional as F
 import common
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(p)
-    p.add_argument("--widths", default="16,32,64,128", help="ResNet-12 widths (standard: 64,160,320,640)")
-    p.add_argument("--drop-rate", type=float, default=0.0, help="DropBlock rate of the last two blocks")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="images per step")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (cosine decay)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
-    p.add_argument("--distill-weight", type=float, default=1.0, help="lambda of the proxy task; 0 = CE-only student")
-    p.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature tau of the proxy task")
-    p.add_argument("--val-episodes", type=int, default=300, help="fixed 5-way 1-shot val episodes")
-    p.add_argument("--val-every", type=int, default=2, help="validate every this many epochs (and at the end)")
-    p.add_argument("--out", default=None, help=f"checkpoint name in the run folder "
-                   f"(default {common.STUDENT}, or {common.STUDENT_CE} when --distill-weight is 0)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>.last.pt in the run folder")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (file-based datasets)")
-    return p.parse_args(argv)
-
-
-# the valid values of the numeric flags, checked before any work (common.check_flags)
-RANGES = {"drop_rate": "[0, 1)", "lr": "(0, inf)", "weight_decay": "[0, inf)", "distill_weight": "[0, inf)",
-          "temperature": "(0, inf)", "val_episodes": "[1, inf)", "val_every": "[1, inf)", "workers": "[0, inf)"}
-
+# ----------------------------------------------------------------------------------
+# The method: the proxy task (InfoNCE against the teacher), the augmentation, validation
 
 def augment(x):
     """Random crop after 1/8-size padding (4 px at 32 px), and horizontal flip, each drawn per
@@ -99,9 +77,39 @@ def info_nce(student_emb, teacher_emb, tau):
 
 
 def validate(student, val, episodes, device):
+    """5-way 1-shot cosine nearest-centroid accuracy (%) of the student's features on the
+    fixed val episodes (index [E, 5, 16]): the model selection of this stage."""
     student.eval()
     feats = common.extract(student, val, lambda idx: common.to_student_input(val.student_batch(list(idx)), device), device)
     return common.protonet_accuracy(feats, episodes, k_shot=1).mean().item() * 100
+
+
+# ----------------------------------------------------------------------------------
+# The run: flags, then main() (data, teacher embeddings, training loop, checkpoints)
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(p)
+    p.add_argument("--widths", default="16,32,64,128", help="ResNet-12 widths (standard: 64,160,320,640)")
+    p.add_argument("--drop-rate", type=float, default=0.0, help="DropBlock rate of the last two blocks")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (cosine decay)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--distill-weight", type=float, default=1.0, help="lambda of the proxy task; 0 = CE-only student")
+    p.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature tau of the proxy task")
+    p.add_argument("--val-episodes", type=int, default=300, help="fixed 5-way 1-shot val episodes")
+    p.add_argument("--val-every", type=int, default=2, help="validate every this many epochs (and at the end)")
+    p.add_argument("--out", default=None, help=f"checkpoint name in the run folder "
+                   f"(default {common.STUDENT}, or {common.STUDENT_CE} when --distill-weight is 0)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>.last.pt in the run folder")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (file-based datasets)")
+    return p.parse_args(argv)
+
+
+# the valid values of the numeric flags, checked before any work (common.check_flags)
+RANGES = {"drop_rate": "[0, 1)", "lr": "(0, inf)", "weight_decay": "[0, inf)", "distill_weight": "[0, inf)",
+          "temperature": "(0, inf)", "val_episodes": "[1, inf)", "val_every": "[1, inf)", "workers": "[0, inf)"}
 
 
 def main(argv=None):
@@ -155,7 +163,7 @@ def main(argv=None):
     if args.resume and os.path.exists(last):
         ck = common.load_checkpoint(last, "distill-last", "rerun without --resume")
         common.check_same_world(ck, last, args.dataset, classes, teacher_id)
-        common.check_same_config(ck, last, config, ignore=("resume", "workers", "device", "run", "data_root"))
+        check_same_config(ck, last, config, ignore=("resume", "workers", "device", "run", "data_root"))
         student.load_state_dict(ck["state"]["student"])
         ce_head.load_state_dict(ck["state"]["ce_head"])
         proj.load_state_dict(ck["state"]["proj"])
@@ -188,7 +196,7 @@ def main(argv=None):
             if args.distill_weight > 0:
                 loss_kd = info_nce(proj(feat), t_emb[idx].to(device), args.temperature)
                 loss = loss + args.distill_weight * loss_kd
-            last_finite = common.check_finite(loss, f"epoch {epoch + 1} step {b + 1}", last_finite,
+            last_finite = check_finite(loss, f"epoch {epoch + 1} step {b + 1}", last_finite,
                                               kept=last if epoch > 0 else None)  # epoch > 0: this run's file
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -220,6 +228,31 @@ def main(argv=None):
                            history=history, best_acc=best[0], seconds=time.time() - t0,
                            state=best[1])
     print(f"wrote {out} (best val 5-way 1-shot {best[0]:.2f}%, {time.time() - t0:.0f}s)")
+
+
+# ----------------------------------------------------------------------------------
+# Plumbing: checks of the training loop and of --resume
+
+def check_finite(loss, where, last_finite, kept=None, fix="lower --lr"):
+    """Returns loss.item(); a NaN or infinite loss stops the stage with one line saying where,
+    the last finite loss and what is kept (`kept`: the last good checkpoint, if it exists)."""
+    value = loss.item()
+    if math.isfinite(value):
+        return value
+    before = "none yet" if last_finite is None else f"{last_finite:.6g}"
+    kept = f"the last good epoch is kept in {kept}" if kept and os.path.exists(kept) else "no checkpoint was written"
+    raise common.UserError(f"loss became {value} at {where} (last finite loss {before}): {fix}; {kept}")
+
+
+def check_same_config(ckpt, path, config, ignore=()):
+    """Refuse to resume from a checkpoint made with other flags (the result would be neither run)."""
+    diff = [k for k in sorted(set(config) | set(ckpt["config"])) if k not in ignore
+            and ckpt["config"].get(k) != config.get(k)]
+    if diff:
+        k = diff[0]
+        more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+        raise common.UserError(f"{path} was made with --{k.replace('_', '-')} {ckpt['config'].get(k)}, "
+                               f"not {config.get(k)}{more}: resume with the same flags, or start over without --resume")
 
 
 if __name__ == "__main__":

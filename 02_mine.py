@@ -66,9 +66,8 @@ Our choices (not from the paper, which gives no equations): the scores above;
 k = 2 (one corroborating statement can be a coincidence, two rarely are); keep 50%
 and temperature 0.3, the best mean over training seeds 0-2 of the teacher's zero-shot
 accuracy on the *val* classes among keep {0.5, 0.7, 0.9, 1} x temperature {0.03,
-0.1, 0.3, 1} (`bash experiments/defaults.sh mining` -> runs/toy-defaults/mining.md:
-77.63 against 77.45 for the earlier 0.7 / 0.1; nine of the sixteen settings are
-within 0.4 points of the best, so the choice matters little on the toy world);
+0.1, 0.3, 1} (`bash experiments/defaults.sh mining`; the figures, in the README's
+"Choices made on val classes", show that the choice matters little on the toy world);
 templates-only runs (--sources templates, the `syntrans-templates` ablation) give
 CLIP's plain prompt ensemble (the mean), since mining eight near-identical
 prompts has nothing to choose between.
@@ -95,16 +94,228 @@ import torch.nn.functional as F
 
 import common
 
+
+# ----------------------------------------------------------------------------------
+# The method: SynMine's scores and the weighted class vector (step 2 of the header)
+
+# the classes each split's candidates are judged against by the specificity score:
+# base classes only among themselves, val and novel classes with the base classes
+POOLS = {"train": ("train",), "val": ("train", "val"), "test": ("train", "test")}
+
+
+def score_candidates(embs, images=None, image_weight=1.0, k=2):
+    """Scores of every candidate (see the header). embs: one [n_c, m] tensor of
+    L2-normalised text embeddings per class of one pool (POOLS above: specificity is
+    judged against every class given); images: None or [C, m] mean image embeddings
+    with NaN rows for classes that have no images (val and novel classes).
+    Returns one dict of [n_c] tensors (agree, specific, image, score) per class."""
+    C, m = len(embs), embs[0].shape[1]
+    counts = torch.tensor([len(e) for e in embs])
+    padded = torch.zeros(C, int(counts.max()), m)
+    for c, e in enumerate(embs):
+        padded[c, :len(e)] = e
+    valid = torch.arange(padded.shape[1])[None] < counts[:, None]  # [C, nmax]
+    kk = min(k, padded.shape[1])
+    has_image = None if images is None else ~torch.isnan(images).any(1)
+    out = []
+    for c, e in enumerate(embs):
+        n = len(e)
+        sims = torch.einsum("nm,cjm->ncj", e, padded).masked_fill(~valid[None], float("-inf"))  # [n, C, nmax]
+        # agreement: the k best matches among the other candidates of the same class
+        own = sims[:, c].clone()
+        own[torch.arange(n), torch.arange(n)] = float("-inf")
+        ka = min(k, n - 1)
+        agree = own.topk(ka, -1).values.mean(-1) if ka > 0 else torch.ones(n)
+        # specificity: per other class the mean of its k best matches (fewer if it has
+        # fewer candidates), averaged over the other classes
+        top = sims.topk(kk, -1).values                           # [n, C, kk]
+        ok = torch.isfinite(top)
+        per_class = top.masked_fill(~ok, 0).sum(-1) / ok.sum(-1).clamp(min=1)  # [n, C]
+        specific = ((per_class.sum(1) - per_class[:, c]) / (C - 1)) if C > 1 else torch.zeros(n)
+        # the image vote of the base classes: own images against the other base classes' images
+        image = torch.zeros(n)
+        if has_image is not None and has_image[c] and image_weight:
+            others = has_image.clone()
+            others[c] = False
+            image = e @ images[c] - ((e @ images[others].T).mean(1) if others.any() else 0)
+        out.append({"agree": agree, "specific": specific, "image": image,
+                    "score": agree - specific + image_weight * image})
+    return out
+
+
+def mine_vector(emb, score, keep=0.7, temperature=0.1):
+    """Drop the lowest-scoring (1 - keep) fraction, softmax-weight the rest by score:
+    returns (L2-normalised class vector [m], weights [n], 0 for dropped candidates)."""
+    n_keep = max(1, round(keep * len(score)))
+    kept = score.topk(n_keep).indices
+    w = torch.zeros(len(score))
+    w[kept] = torch.softmax(score[kept] / temperature, 0)
+    return F.normalize(w @ emb, dim=0), w
+
+
+def mean_vector(emb):
+    return F.normalize(emb.mean(0), dim=0)
+
+
+def score_in_pools(embs, splits, images=None, image_weight=1.0, k=2):
+    """score_candidates for the classes of every split, each split scored within its pool
+    (POOLS). embs: one [n_c, m] tensor per class; splits: the split of each class;
+    images: None or [C, m] as in score_candidates. Returns one dict of scores per class."""
+    scores = [None] * len(embs)
+    for split, pool in POOLS.items():
+        at = [i for i, s in enumerate(splits) if s in pool]
+        pooled = score_candidates([embs[i] for i in at], None if images is None else images[at], image_weight, k)
+        for i, sc in zip(at, pooled):
+            if splits[i] == split:
+                scores[i] = sc
+    return scores
+
+
+# ----------------------------------------------------------------------------------
+# The knowledge sources (step 1 of the header). Each returns, per class name, its
+# statements as (text, correct) pairs (`correct` is None unless the source knows, as
+# the toy describer does), and a description of itself for the checkpoint and the JSON.
+
 # CLIP's "a photo of a {}." and seven more of the 80 ImageNet prompts of its paper,
 # the plain ones that suit any object class.
 TEMPLATES = [
     "a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a photo of the large {}.",
     "a photo of the small {}.", "a cropped photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
 ]
+# what every language model is asked about every class (--llm-prompt)
 PROMPT = ("List {n} short visual descriptions of a {name}, as it looks in a photo: its colours, shape, "
           "pattern, texture or parts. One description per line, each under 10 words, no numbering, no other text.")
 SOURCE_KINDS = ("templates", "llm", "files")
 
+
+def templates_source(names):
+    """CLIP's prompt templates of the bare class name: always available."""
+    table = {n: [(t.format(n), None) for t in TEMPLATES] for n in names}
+    return table, {"name": "templates", "kind": "templates", "templates": TEMPLATES}
+
+
+def files_source(path, names):
+    """A descriptions file (--descriptions). Also returns the classes it lacks."""
+    src = f"file:{os.path.basename(path)}"
+    found = load_descriptions_file(path, names)
+    return ({n: [(t, None) for t in texts] for n, texts in found.items()},
+            {n: "not in the file" for n in names if n not in found},
+            {"name": src, "kind": "file", "path": os.path.abspath(path), "file_id": common.file_id(path)})
+
+
+def llm_source(specs, names, args, key):
+    """Language models (--llm): the toy describer, and real ones asked through the client at the
+    bottom of this file (answers cached). Returns ({source: table}, {source: {class name:
+    reason}} for the classes a model failed on, [source descriptions in the order of --llm])."""
+    tables, failures, sources, remote = {}, {}, [], []
+    for spec in specs:
+        if spec == "toy" or spec.startswith("toy@"):
+            import toyworld  # the stand-in LLM of the offline toy world
+            if spec != "toy" and not spec[4:].isdigit():
+                raise common.UserError(f"--llm {spec}: the toy describer takes a seed, e.g. toy@1")
+            seed = int(spec[4:]) if spec != "toy" else args.seed
+            src = f"toy@{seed}"
+            if src in tables:
+                continue
+            try:
+                tables[src] = {n: toyworld.describe(n, seed, n=args.toy_n, wrong_rate=args.toy_wrong_rate,
+                                                    misread_rate=args.toy_misread_rate)
+                               for n in names}
+            except ValueError as e:
+                raise common.UserError(f"--llm {spec}: the toy describer only knows toy-world classes ({e})")
+            sources.append({"name": src, "kind": "toy-describer", "seed": seed, "wrong_rate": args.toy_wrong_rate,
+                            "misread_rate": args.toy_misread_rate, "n": args.toy_n})
+        else:
+            base, url, model = parse_llm_spec(spec)
+            src = f"llm:{model}@{redact(base)}"
+            if any(src == r[0] for r in remote):
+                continue
+            remote.append((src, url, model))
+            sources.append({"name": src, "kind": "llm", "endpoint": redact(url), "model": model,
+                            "prompt": args.llm_prompt})
+    if remote:
+        try:
+            args.llm_prompt.format(name="x", n=1)
+        except (KeyError, IndexError, ValueError):
+            raise common.UserError("--llm-prompt may hold only the placeholders {name} and {n}")
+        print(f"asking {len(remote)} language model(s) about {len(names)} classes; key: "
+              f"{'$' + args.llm_key_env if key else 'none ($' + args.llm_key_env + ' is unset)'}")
+        answers, failed = ask_llms(remote, names, args, key)
+        for src, _, _ in remote:
+            tables[src] = {n: [(t, None) for t in texts] for n, texts in answers[src].items()}
+            failures[src] = failed[src]
+    return tables, failures, sources
+
+
+def gather(args, classes, key):
+    """Candidates per class: {(split, class index): [{"text", "source", "correct"?}]},
+    the sources used, their failures ({source: {class name: reason}}) and the kinds asked for."""
+    kinds = list(dict.fromkeys(k.strip() for k in args.sources.split(",") if k.strip()))
+    bad = [k for k in kinds if k not in SOURCE_KINDS]
+    if bad:
+        raise common.UserError(f"--sources: unknown kind '{bad[0]}'; choose from {', '.join(SOURCE_KINDS)}")
+    toy_world = args.dataset in common.TOY_TEACHERS.values()
+    llm_specs = args.llm if args.llm is not None else (["toy"] if toy_world else [])
+    use_llm = "llm" in kinds and llm_specs
+    use_files = "files" in kinds and args.descriptions
+    if not ("templates" in kinds or use_llm or use_files):
+        raise common.UserError(f"no knowledge source: --sources '{args.sources}' selects none that was given "
+                               f"(llm needs --llm URL@MODEL, files needs --descriptions FILE, templates need nothing)")
+    if kinds != ["templates"] and not (use_llm or use_files):
+        raise common.UserError("only the prompt templates are available: give --llm URL@MODEL or --descriptions FILE "
+                               "for SynMine, or --sources templates for the templates-only ablation")
+    all_classes = [(s, i, n) for s in common.SPLITS for i, n in enumerate(classes[s])]
+    names = list(dict.fromkeys(n for _, _, n in all_classes))
+    if not names:
+        raise common.UserError(f"dataset '{args.dataset}' has no class names")
+    per_source = {}  # source -> {class name: [(text, correct or None)]}
+    failures = {}    # source -> {class name: reason}
+    sources = []     # what each source is, for the checkpoint and the JSON (no secrets)
+    if "templates" in kinds:
+        per_source["templates"], source = templates_source(names)
+        sources.append(source)
+    if use_files:  # read first: a wrong path fails before any question is asked
+        for path in args.descriptions:
+            table, failed, source = files_source(path, names)
+            per_source[source["name"]], failures[source["name"]] = table, failed
+            sources.append(source)
+    if use_llm:
+        tables, failed, llms = llm_source(llm_specs, names, args, key)
+        per_source.update(tables)
+        failures.update(failed)
+        sources += llms
+
+    # Report every source that lacks classes, loudly, and go on with the others.
+    for src, failed in failures.items():
+        if failed:
+            reasons = {}
+            for r in failed.values():
+                reasons[r.split(" (after")[0]] = reasons.get(r.split(" (after")[0], 0) + 1
+            summary = "; ".join(f"{r}: {c}" for r, c in sorted(reasons.items(), key=lambda x: -x[1])[:3])
+            print(f"WARNING: {src} gave nothing for {len(failed)} of {len(names)} classes ({summary}); "
+                  f"those classes use the other sources")
+
+    # One candidate list per class; a source's repeated statements count once.
+    candidates, missing = {}, []
+    for split, i, name in all_classes:
+        cands = []
+        for src, table in per_source.items():
+            seen = set()
+            for text, correct in table.get(name, []):
+                if text.lower() not in seen:
+                    seen.add(text.lower())
+                    cands.append({"text": text, "source": src, **({} if correct is None else {"correct": bool(correct)})})
+        candidates[(split, i)] = cands
+        if not cands:
+            missing.append(name)
+    if missing:
+        raise common.UserError(f"no candidate description for {len(missing)} classes (e.g. '{missing[0]}'): "
+                               f"add them to the descriptions file or use more sources (e.g. --sources templates,files)")
+    return candidates, sources, failures, kinds
+
+
+# ----------------------------------------------------------------------------------
+# The run: gather, encode, mine, (measure), write
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -157,8 +368,223 @@ RANGES = {"llm_n": "[1, inf)", "llm_timeout": "(0, inf)", "llm_retries": "[0, in
           "image_weight": "[0, inf)", "episodes": "[1, inf)"}
 
 
+def main(argv=None):
+    args = get_args(argv)
+    t0 = time.time()
+    out_path = os.path.join(args.run, args.out)
+    common.check_flags(args, RANGES, out_path, "mine")
+    device = common.get_device(args.device)
+    common.set_seed(args.seed)
+    stem = os.path.splitext(args.out)[0]
+    json_path = os.path.join(args.run, (stem.replace("semantics", "descriptions") if "semantics" in stem
+                                        else stem + "_descriptions") + ".json")
+    key = os.environ.get(args.llm_key_env) or None  # read here, sent in a header, never stored
+
+    common.check_teacher(args)  # a wrong or forgotten teacher is refused before any work
+    # ---- class names of every split (read from the class lists: no image is loaded for them)
+    classes = common.class_names(args.dataset, args.data_root)
+    measured = None
+    if args.compare:  # the zero-shot episodes, refused before anything is asked or encoded
+        measured = common.load_split(args.dataset, args.split, args.data_root, args.image_size)
+        common.check_episodes(measured, args.ways, 0, args.queries, "--ways or --queries", min_shot=0)
+    print(f"{args.dataset}: {', '.join(f'{len(classes[s])} {s}' for s in common.SPLITS)} classes; device {device}")
+
+    # ---- 1. candidates from every source
+    candidates, sources, failures, kinds = gather(args, classes, key)
+    order = [(s, i) for s in common.SPLITS for i in range(len(classes[s]))]
+    n_cands = sum(len(candidates[c]) for c in order)
+    per = {x["name"]: sum(c["source"] == x["name"] for k in order for c in candidates[k]) for x in sources}
+    print(f"{n_cands} candidates: {', '.join(f'{n} from {src}' for src, n in per.items())}")
+
+    # ---- 2. encode with the teacher's text encoder; the image vote of the base classes
+    teacher, preprocess, tokenizer, teacher_id = common.load_teacher(args.clip, args.clip_pretrained, device)
+    texts = list(dict.fromkeys(c["text"] for k in order for c in candidates[k]))
+    if args.compare:
+        texts = list(dict.fromkeys(texts + [t.format(n) for n in classes[args.split] for t in TEMPLATES]))
+    table = dict(zip(texts, encode_texts(teacher, tokenizer, texts, device)))
+    embs = [torch.stack([table[c["text"]] for c in candidates[k]]) for k in order]
+    templates_only = kinds == ["templates"]
+    images = None
+    if args.image_weight > 0 and classes["train"] and not templates_only:
+        train = common.load_split(args.dataset, "train", args.data_root, args.image_size)  # base images serve the image vote
+        feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, train, device)
+        images = torch.full((len(order), feats.shape[1]), float("nan"))
+        for i in range(len(classes["train"])):  # base classes come first in `order`
+            images[i] = F.normalize(feats[train.labels == i].mean(0), dim=0)
+
+    # ---- 3. score, keep, weight: one vector per class; each split scored within its pool
+    scores = score_in_pools(embs, [s for s, _ in order], images, args.image_weight, args.support_k)
+    vectors = {s: [] for s in common.SPLITS}
+    for k, e, sc in zip(order, embs, scores):
+        if templates_only:  # the ablation: CLIP's prompt ensemble, no mining
+            v, w = mean_vector(e), torch.full((len(e),), 1 / len(e))
+        else:
+            v, w = mine_vector(e, sc["score"], args.keep, args.temperature)
+        vectors[k[0]].append(v)
+        for j, c in enumerate(candidates[k]):
+            c.update(score=round(sc["score"][j].item(), 4), agree=round(sc["agree"][j].item(), 4),
+                     specific=round(sc["specific"][j].item(), 4), image=round(sc["image"][j].item(), 4),
+                     weight=round(w[j].item(), 4), kept=bool(w[j] > 0))
+    state = {s: torch.stack(vectors[s]) if vectors[s] else torch.zeros(0, embs[0].shape[1]) for s in common.SPLITS}
+    wrong = print_kept([candidates[k] for k in order], sources, templates_only)
+
+    # ---- 4. optionally, measure: teacher zero-shot on the val (or novel) classes
+    report = None
+    if args.compare:
+        feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, measured, device)
+        keys = [k for k in order if k[0] == args.split]
+        report = compare(args, feats, measured.labels, classes[args.split], table, [candidates[k] for k in keys],
+                         [embs[order.index(k)] for k in keys], state[args.split], sources, templates_only)
+        report.update(wrong_removed_all=wrong[0], wrong_all=wrong[1], correct_kept_all=wrong[2])
+
+    # ---- 5. write the vectors and the readable JSON (neither holds the key)
+    config = vars(args) | {"llm": [redact_spec(s) for s in (args.llm or [])], "out": args.out}
+    upstream = {x["name"]: x["file_id"] for x in sources if x["kind"] == "file"}
+    failed_counts = {src: len(f) for src, f in failures.items()}
+    doc = {"dataset": args.dataset, "teacher": teacher_id, "checkpoint": args.out, "config": config,
+           "sources": sources, "failures": failures, "compare": report,
+           "splits": {s: {n: {"kept": sum(c["kept"] for c in candidates[(s, i)]), "candidates": candidates[(s, i)]}
+                          for i, n in enumerate(classes[s])} for s in common.SPLITS}}
+    common.save_checkpoint(out_path, "mine", config, args.dataset, classes, state, upstream=upstream,
+                           teacher=teacher_id, sources=[x["name"] for x in sources], failures=failed_counts,
+                           together={json_path: json.dumps(doc, ensure_ascii=False, indent=1)})  # one step
+    print(f"wrote {out_path} ({', '.join(f'{s} {tuple(state[s].shape)}' for s in common.SPLITS)}) "
+          f"and {json_path} ({time.time() - t0:.0f}s)")
+
+
 # ----------------------------------------------------------------------------------
-# Source 1: language models behind an OpenAI-compatible chat-completions API
+# What mining did: kept statements, and --compare (step 3 of the header)
+
+def print_kept(entries, sources, templates_only):
+    """Print how many candidates mining kept, per source, and how many of the wrong ones it
+    removed; returns wrong_removed(entries)."""
+    n_cands, kept = sum(len(cands) for cands in entries), sum(c["kept"] for cands in entries for c in cands)
+    print(f"mining kept {kept} of {n_cands} candidates" + (" (templates only: plain prompt ensemble)" if templates_only else ""))
+    for src in [x["name"] for x in sources]:
+        mine_src = [c for cands in entries for c in cands if c["source"] == src]
+        if mine_src:
+            print(f"  {src}: kept {sum(c['kept'] for c in mine_src)} of {len(mine_src)}")
+    removed, n_wrong, right_kept = wrong_removed(entries)
+    if removed is not None:
+        print(f"  wrong statements removed: {removed:.0%} of {n_wrong}; correct ones kept: {right_kept:.0%}")
+    return removed, n_wrong, right_kept
+
+
+def compare(args, feats, labels, names, table, entries, embs, mined, sources, templates_only):
+    """--compare: the teacher's zero-shot accuracy on one split's classes (args.split) with
+    templates only, all candidates averaged, SynMine and each source alone, and the weight
+    shares; printed, and returned as the report for the JSON. feats [N, m] and labels [N]:
+    the split's teacher image embeddings; names: its class names; table: text -> embedding;
+    entries and embs: each class's candidates and their embeddings; mined: SynMine's [C, m]."""
+    rows = {"templates only": torch.stack([mean_vector(torch.stack([table[t.format(n)] for t in TEMPLATES]))
+                                           for n in names]),
+            "all candidates averaged": torch.stack([mean_vector(e) for e in embs]),
+            "SynMine" + (" (= templates)" if templates_only else ""): mined}
+    for x in sources:  # each source alone, averaged: who contributes what
+        if x["name"] != "templates":
+            per = [[table[c["text"]] for c in cands if c["source"] == x["name"]] for cands in entries]
+            if all(per):
+                rows[f"{x['name']} only, averaged"] = torch.stack([mean_vector(torch.stack(p)) for p in per])
+    accs = zero_shot(feats, labels, rows, args.ways, args.queries, args.episodes, args.seed)
+    removed, n_wrong, right_kept = wrong_removed(entries)
+    print(f"teacher zero-shot, {args.ways}-way, {len(names)} {args.split} classes, "
+          f"{args.episodes} episodes x {args.queries} queries (mean +- 95% CI):")
+    for name, (mean, ci) in accs.items():
+        print(f"  {name:40s} {mean:6.2f} +- {ci:.2f}")
+    if removed is not None:
+        print(f"  wrong statements removed on {args.split} classes: {removed:.0%} of {n_wrong}; "
+              f"correct ones kept: {right_kept:.0%}")
+    shares = weight_shares(entries)
+    for name, (n_share, w_share) in shares.items():
+        print(f"  {name:40s} {n_share:6.1%} of the candidates, {w_share:6.1%} of the weight")
+    return {"split": args.split, "shares": {n: {"candidates": a, "weight": b} for n, (a, b) in shares.items()},
+            "ways": args.ways, "queries": args.queries, "episodes": args.episodes, "seed": args.seed,
+            "accuracy": {name: {"mean": mean, "ci95": ci} for name, (mean, ci) in accs.items()},
+            "wrong_removed": removed, "wrong": n_wrong, "correct_kept": right_kept}
+
+
+def zero_shot(feats, labels, rows, ways, queries, episodes, seed):
+    """Per-row (mean, ci95) of N-way zero-shot accuracy over fixed episodes: the
+    queries of each episode are classified by cosine against the class vectors."""
+    ep_classes, index = common.sample_episodes(labels, ways, 0, queries, episodes, seed)
+    results = {}
+    for name, vectors in rows.items():
+        logits = torch.einsum("enqd,ecd->enqc", feats[index], vectors[ep_classes])
+        results[name] = common.ci95(common.accuracy_from_logits(logits) * 100)
+    return results
+
+
+def wrong_removed(entries):
+    """Fraction of the wrong candidates (those a source knows are wrong) that mining dropped."""
+    wrong = [c for cands in entries for c in cands if c.get("correct") is False]
+    right = [c for cands in entries for c in cands if c.get("correct") is True]
+    return (sum(not c["kept"] for c in wrong) / len(wrong) if wrong else None, len(wrong),
+            sum(c["kept"] for c in right) / len(right) if right else None)
+
+
+def weight_shares(entries):
+    """Per source, and for the statements a source knows are wrong: (share of the
+    candidates, share of the mined weight), over the classes given (weights sum to 1
+    per class, so a share of the weight is averaged over the classes)."""
+    groups = {f"source {src}": lambda c, src=src: c["source"] == src
+              for src in dict.fromkeys(c["source"] for cands in entries for c in cands)}
+    groups["wrong statements"] = lambda c: c.get("correct") is False
+    n = sum(len(cands) for cands in entries)
+    return {name: (sum(is_in(c) for cands in entries for c in cands) / n,
+                   sum(c["weight"] for cands in entries for c in cands if is_in(c)) / len(entries))
+            for name, is_in in groups.items()}
+
+
+# ----------------------------------------------------------------------------------
+# Plumbing: the teacher's text encoder, the descriptions-file reader, and a client for
+# language models behind an OpenAI-compatible chat-completions API (with retries, a
+# cache of answers and the key kept out of every file). Only this stage talks to
+# language models, so the client lives here rather than in common.py.
+
+TEXT_CHARS = 1000  # far more than 77 tokens of any text
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts, device, batch=256):
+    """L2-normalised text embeddings [len(texts), m], with progress. CLIP reads 77 tokens at
+    most (16 for the toy teacher), so each text is cut to TEXT_CHARS characters first (its
+    tokenizer is super-linear in a long word) and its tokenizer truncates the rest."""
+    from tqdm import tqdm
+    texts = [t[:TEXT_CHARS] for t in texts]
+    out = [model.encode_text(tokenizer(texts[i:i + batch]).to(device)).float()
+           for i in tqdm(range(0, len(texts), batch), desc="encoding candidates", disable=len(texts) <= batch)]
+    return F.normalize(torch.cat(out), dim=-1).cpu()
+
+
+def load_descriptions_file(path, names):
+    """{class name: [texts]} from a JSON file: either class -> list of strings, or the
+    02_descriptions.json of an earlier run (its kept non-template candidates)."""
+    if not os.path.isfile(path):
+        raise common.UserError(f"--descriptions {path} not found" + (" (it is a folder)" * os.path.isdir(path)))
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise common.UserError(f"--descriptions {path} is not valid JSON ({e})")
+    if isinstance(data, dict) and isinstance(data.get("splits"), dict):  # an earlier run's 02_descriptions.json
+        try:
+            data = {name: [c["text"] for c in entry.get("candidates", []) if c.get("kept") and c.get("source") != "templates"]
+                    for split in data["splits"].values() for name, entry in split.items()}
+        except (AttributeError, KeyError, TypeError):
+            raise common.UserError(f"--descriptions {path} looks like a 02_descriptions.json but is damaged "
+                                   f"(splits -> class -> candidates -> text): rerun the stage that wrote it")
+    if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
+                                             for v in data.values()):
+        raise common.UserError(f"--descriptions {path} must map class names to lists of strings")
+    found = {n: [s.strip() for s in data[n] if s.strip()] for n in names if n in data}
+    if not found:
+        raise common.UserError(f"--descriptions {path} names none of the {len(names)} classes of this dataset "
+                               f"(e.g. '{names[0]}'): is it the file of another dataset?")
+    unknown = [n for n in data if n not in set(names)]
+    if unknown:
+        print(f"  {path}: ignored {len(unknown)} names that are no class of this dataset (e.g. '{unknown[0]}')")
+    return found
+
 
 class LLMError(Exception):
     """A failed request. The message is a short reason for the report: it never holds
@@ -391,378 +817,6 @@ def in_threads(fn, jobs, workers, stop):
         if isinstance(results[i], BaseException):
             raise results[i]
         yield results[i]
-
-
-# ----------------------------------------------------------------------------------
-# Source 2: descriptions files
-
-def load_descriptions_file(path, names):
-    """{class name: [texts]} from a JSON file: either class -> list of strings, or the
-    02_descriptions.json of an earlier run (its kept non-template candidates)."""
-    if not os.path.isfile(path):
-        raise common.UserError(f"--descriptions {path} not found" + (" (it is a folder)" * os.path.isdir(path)))
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise common.UserError(f"--descriptions {path} is not valid JSON ({e})")
-    if isinstance(data, dict) and isinstance(data.get("splits"), dict):  # an earlier run's 02_descriptions.json
-        try:
-            data = {name: [c["text"] for c in entry.get("candidates", []) if c.get("kept") and c.get("source") != "templates"]
-                    for split in data["splits"].values() for name, entry in split.items()}
-        except (AttributeError, KeyError, TypeError):
-            raise common.UserError(f"--descriptions {path} looks like a 02_descriptions.json but is damaged "
-                                   f"(splits -> class -> candidates -> text): rerun the stage that wrote it")
-    if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
-                                             for v in data.values()):
-        raise common.UserError(f"--descriptions {path} must map class names to lists of strings")
-    found = {n: [s.strip() for s in data[n] if s.strip()] for n in names if n in data}
-    if not found:
-        raise common.UserError(f"--descriptions {path} names none of the {len(names)} classes of this dataset "
-                               f"(e.g. '{names[0]}'): is it the file of another dataset?")
-    unknown = [n for n in data if n not in set(names)]
-    if unknown:
-        print(f"  {path}: ignored {len(unknown)} names that are no class of this dataset (e.g. '{unknown[0]}')")
-    return found
-
-
-# ----------------------------------------------------------------------------------
-# Gathering: every source's candidates per class
-
-def gather(args, classes, key):
-    """Candidates per class: {(split, class index): [{"text", "source", "correct"?}]},
-    the sources used, and per source the classes it failed on or lacked."""
-    kinds = list(dict.fromkeys(k.strip() for k in args.sources.split(",") if k.strip()))
-    bad = [k for k in kinds if k not in SOURCE_KINDS]
-    if bad:
-        raise common.UserError(f"--sources: unknown kind '{bad[0]}'; choose from {', '.join(SOURCE_KINDS)}")
-    toy_world = args.dataset in common.TOY_TEACHERS.values()
-    llm_specs = args.llm if args.llm is not None else (["toy"] if toy_world else [])
-    use_llm = "llm" in kinds and llm_specs
-    use_files = "files" in kinds and args.descriptions
-    if not ("templates" in kinds or use_llm or use_files):
-        raise common.UserError(f"no knowledge source: --sources '{args.sources}' selects none that was given "
-                               f"(llm needs --llm URL@MODEL, files needs --descriptions FILE, templates need nothing)")
-    if kinds != ["templates"] and not (use_llm or use_files):
-        raise common.UserError("only the prompt templates are available: give --llm URL@MODEL or --descriptions FILE "
-                               "for SynMine, or --sources templates for the templates-only ablation")
-    all_classes = [(s, i, n) for s in common.SPLITS for i, n in enumerate(classes[s])]
-    names = list(dict.fromkeys(n for _, _, n in all_classes))
-    if not names:
-        raise common.UserError(f"dataset '{args.dataset}' has no class names")
-    per_source = {}  # source -> {class name: [(text, correct or None)]}
-    failures = {}    # source -> {class name: reason}
-    sources = []     # what each source is, for the checkpoint and the JSON (no secrets)
-
-    if "templates" in kinds:
-        per_source["templates"] = {n: [(t.format(n), None) for t in TEMPLATES] for n in names}
-        sources.append({"name": "templates", "kind": "templates", "templates": TEMPLATES})
-
-    if use_files:  # read first: a wrong path fails before any question is asked
-        for path in args.descriptions:
-            src = f"file:{os.path.basename(path)}"
-            found = load_descriptions_file(path, names)
-            per_source[src] = {n: [(t, None) for t in texts] for n, texts in found.items()}
-            failures[src] = {n: "not in the file" for n in names if n not in found}
-            sources.append({"name": src, "kind": "file", "path": os.path.abspath(path), "file_id": common.file_id(path)})
-
-    if use_llm:
-        remote = []
-        for spec in llm_specs:
-            if spec == "toy" or spec.startswith("toy@"):
-                import toyworld  # the stand-in LLM of the offline toy world
-                if spec != "toy" and not spec[4:].isdigit():
-                    raise common.UserError(f"--llm {spec}: the toy describer takes a seed, e.g. toy@1")
-                seed = int(spec[4:]) if spec != "toy" else args.seed
-                src = f"toy@{seed}"
-                if src in per_source:
-                    continue
-                try:
-                    per_source[src] = {n: toyworld.describe(n, seed, n=args.toy_n, wrong_rate=args.toy_wrong_rate,
-                                                        misread_rate=args.toy_misread_rate)
-                                       for n in names}
-                except ValueError as e:
-                    raise common.UserError(f"--llm {spec}: the toy describer only knows toy-world classes ({e})")
-                sources.append({"name": src, "kind": "toy-describer", "seed": seed, "wrong_rate": args.toy_wrong_rate,
-                                "misread_rate": args.toy_misread_rate, "n": args.toy_n})
-            else:
-                base, url, model = parse_llm_spec(spec)
-                src = f"llm:{model}@{redact(base)}"
-                if any(src == r[0] for r in remote):
-                    continue
-                remote.append((src, url, model))
-                sources.append({"name": src, "kind": "llm", "endpoint": redact(url), "model": model,
-                                "prompt": args.llm_prompt})
-        if remote:
-            try:
-                args.llm_prompt.format(name="x", n=1)
-            except (KeyError, IndexError, ValueError):
-                raise common.UserError("--llm-prompt may hold only the placeholders {name} and {n}")
-            print(f"asking {len(remote)} language model(s) about {len(names)} classes; key: "
-                  f"{'$' + args.llm_key_env if key else 'none ($' + args.llm_key_env + ' is unset)'}")
-            answers, failed = ask_llms(remote, names, args, key)
-            for src, _, _ in remote:
-                per_source[src] = {n: [(t, None) for t in texts] for n, texts in answers[src].items()}
-                failures[src] = failed[src]
-
-    # Report every source that lacks classes, loudly, and go on with the others.
-    for src, failed in failures.items():
-        if failed:
-            reasons = {}
-            for r in failed.values():
-                reasons[r.split(" (after")[0]] = reasons.get(r.split(" (after")[0], 0) + 1
-            summary = "; ".join(f"{r}: {c}" for r, c in sorted(reasons.items(), key=lambda x: -x[1])[:3])
-            print(f"WARNING: {src} gave nothing for {len(failed)} of {len(names)} classes ({summary}); "
-                  f"those classes use the other sources")
-
-    # One candidate list per class; a source's repeated statements count once.
-    candidates, missing = {}, []
-    for split, i, name in all_classes:
-        cands = []
-        for src, table in per_source.items():
-            seen = set()
-            for text, correct in table.get(name, []):
-                if text.lower() not in seen:
-                    seen.add(text.lower())
-                    cands.append({"text": text, "source": src, **({} if correct is None else {"correct": bool(correct)})})
-        candidates[(split, i)] = cands
-        if not cands:
-            missing.append(name)
-    if missing:
-        raise common.UserError(f"no candidate description for {len(missing)} classes (e.g. '{missing[0]}'): "
-                               f"add them to the descriptions file or use more sources (e.g. --sources templates,files)")
-    return candidates, sources, failures, kinds
-
-
-# ----------------------------------------------------------------------------------
-# Mining with the teacher
-
-def score_candidates(embs, images=None, image_weight=1.0, k=2):
-    """Scores of every candidate (see the header). embs: one [n_c, m] tensor of
-    L2-normalised text embeddings per class of one pool (POOLS below: specificity is
-    judged against every class given); images: None or [C, m] mean image embeddings
-    with NaN rows for classes that have no images (val and novel classes).
-    Returns one dict of [n_c] tensors (agree, specific, image, score) per class."""
-    C, m = len(embs), embs[0].shape[1]
-    counts = torch.tensor([len(e) for e in embs])
-    padded = torch.zeros(C, int(counts.max()), m)
-    for c, e in enumerate(embs):
-        padded[c, :len(e)] = e
-    valid = torch.arange(padded.shape[1])[None] < counts[:, None]  # [C, nmax]
-    kk = min(k, padded.shape[1])
-    has_image = None if images is None else ~torch.isnan(images).any(1)
-    out = []
-    for c, e in enumerate(embs):
-        n = len(e)
-        sims = torch.einsum("nm,cjm->ncj", e, padded).masked_fill(~valid[None], float("-inf"))  # [n, C, nmax]
-        # agreement: the k best matches among the other candidates of the same class
-        own = sims[:, c].clone()
-        own[torch.arange(n), torch.arange(n)] = float("-inf")
-        ka = min(k, n - 1)
-        agree = own.topk(ka, -1).values.mean(-1) if ka > 0 else torch.ones(n)
-        # specificity: per other class the mean of its k best matches (fewer if it has
-        # fewer candidates), averaged over the other classes
-        top = sims.topk(kk, -1).values                           # [n, C, kk]
-        ok = torch.isfinite(top)
-        per_class = top.masked_fill(~ok, 0).sum(-1) / ok.sum(-1).clamp(min=1)  # [n, C]
-        specific = ((per_class.sum(1) - per_class[:, c]) / (C - 1)) if C > 1 else torch.zeros(n)
-        # the image vote of the base classes: own images against the other base classes' images
-        image = torch.zeros(n)
-        if has_image is not None and has_image[c] and image_weight:
-            others = has_image.clone()
-            others[c] = False
-            image = e @ images[c] - ((e @ images[others].T).mean(1) if others.any() else 0)
-        out.append({"agree": agree, "specific": specific, "image": image,
-                    "score": agree - specific + image_weight * image})
-    return out
-
-
-def mine_vector(emb, score, keep=0.7, temperature=0.1):
-    """Drop the lowest-scoring (1 - keep) fraction, softmax-weight the rest by score:
-    returns (L2-normalised class vector [m], weights [n], 0 for dropped candidates)."""
-    n_keep = max(1, round(keep * len(score)))
-    kept = score.topk(n_keep).indices
-    w = torch.zeros(len(score))
-    w[kept] = torch.softmax(score[kept] / temperature, 0)
-    return F.normalize(w @ emb, dim=0), w
-
-
-def mean_vector(emb):
-    return F.normalize(emb.mean(0), dim=0)
-
-
-def encode(model, tokenizer, texts, device, chunk=256):  # 256: encode_texts's own batch, so the same numbers
-    """Text embeddings of many texts, with progress. CLIP's tokenizer truncates a long
-    text to its context length (77 tokens; 16 for the toy teacher)."""
-    from tqdm import tqdm
-    out = [common.encode_texts(model, tokenizer, texts[i:i + chunk], device)
-           for i in tqdm(range(0, len(texts), chunk), desc="encoding candidates", disable=len(texts) <= chunk)]
-    return torch.cat(out)
-
-
-def weight_shares(entries):
-    """Per source, and for the statements a source knows are wrong: (share of the
-    candidates, share of the mined weight), over the classes given (weights sum to 1
-    per class, so a share of the weight is averaged over the classes)."""
-    groups = {f"source {src}": lambda c, src=src: c["source"] == src
-              for src in dict.fromkeys(c["source"] for cands in entries for c in cands)}
-    groups["wrong statements"] = lambda c: c.get("correct") is False
-    n = sum(len(cands) for cands in entries)
-    return {name: (sum(is_in(c) for cands in entries for c in cands) / n,
-                   sum(c["weight"] for cands in entries for c in cands if is_in(c)) / len(entries))
-            for name, is_in in groups.items()}
-
-
-# the classes each split's candidates are judged against by the specificity score:
-# base classes only among themselves, val and novel classes with the base classes
-POOLS = {"train": ("train",), "val": ("train", "val"), "test": ("train", "test")}
-
-
-# ----------------------------------------------------------------------------------
-# --compare: what mining buys, measured by the teacher's zero-shot accuracy on one split
-
-def zero_shot(feats, labels, rows, ways, queries, episodes, seed):
-    """Per-row (mean, ci95) of N-way zero-shot accuracy over fixed episodes: the
-    queries of each episode are classified by cosine against the class vectors."""
-    ep_classes, index = common.sample_episodes(labels, ways, 0, queries, episodes, seed)
-    results = {}
-    for name, vectors in rows.items():
-        logits = torch.einsum("enqd,ecd->enqc", feats[index], vectors[ep_classes])
-        results[name] = common.ci95(common.accuracy_from_logits(logits) * 100)
-    return results
-
-
-def wrong_removed(entries):
-    """Fraction of the wrong candidates (those a source knows are wrong) that mining dropped."""
-    wrong = [c for cands in entries for c in cands if c.get("correct") is False]
-    right = [c for cands in entries for c in cands if c.get("correct") is True]
-    return (sum(not c["kept"] for c in wrong) / len(wrong) if wrong else None, len(wrong),
-            sum(c["kept"] for c in right) / len(right) if right else None)
-
-
-# ----------------------------------------------------------------------------------
-
-def main(argv=None):
-    args = get_args(argv)
-    t0 = time.time()
-    out_path = os.path.join(args.run, args.out)
-    common.check_flags(args, RANGES, out_path, "mine")
-    device = common.get_device(args.device)
-    common.set_seed(args.seed)
-    stem = os.path.splitext(args.out)[0]
-    json_path = os.path.join(args.run, (stem.replace("semantics", "descriptions") if "semantics" in stem
-                                        else stem + "_descriptions") + ".json")
-    key = os.environ.get(args.llm_key_env) or None  # read here, sent in a header, never stored
-
-    common.check_teacher(args)  # a wrong or forgotten teacher is refused before any work
-    # ---- class names of every split (read from the class lists: no image is loaded for them)
-    classes = common.class_names(args.dataset, args.data_root)
-    measured = None
-    if args.compare:  # the zero-shot episodes, refused before anything is asked or encoded
-        measured = common.load_split(args.dataset, args.split, args.data_root, args.image_size)
-        common.check_episodes(measured, args.ways, 0, args.queries, "--ways or --queries", min_shot=0)
-    print(f"{args.dataset}: {', '.join(f'{len(classes[s])} {s}' for s in common.SPLITS)} classes; device {device}")
-
-    # ---- 1. candidates from every source
-    candidates, sources, failures, kinds = gather(args, classes, key)
-    order = [(s, i) for s in common.SPLITS for i in range(len(classes[s]))]
-    n_cands = sum(len(candidates[c]) for c in order)
-    per = {x["name"]: sum(c["source"] == x["name"] for k in order for c in candidates[k]) for x in sources}
-    print(f"{n_cands} candidates: {', '.join(f'{n} from {src}' for src, n in per.items())}")
-
-    # ---- 2. encode with the teacher's text encoder; the image vote of the base classes
-    teacher, preprocess, tokenizer, teacher_id = common.load_teacher(args.clip, args.clip_pretrained, device)
-    texts = list(dict.fromkeys(c["text"] for k in order for c in candidates[k]))
-    if args.compare:
-        texts = list(dict.fromkeys(texts + [t.format(n) for n in classes[args.split] for t in TEMPLATES]))
-    table = dict(zip(texts, encode(teacher, tokenizer, texts, device)))
-    embs = [torch.stack([table[c["text"]] for c in candidates[k]]) for k in order]
-    templates_only = kinds == ["templates"]
-    images = None
-    if args.image_weight > 0 and classes["train"] and not templates_only:
-        train = common.load_split(args.dataset, "train", args.data_root, args.image_size)  # base images serve the image vote
-        feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, train, device)
-        images = torch.full((len(order), feats.shape[1]), float("nan"))
-        for i in range(len(classes["train"])):  # base classes come first in `order`
-            images[i] = F.normalize(feats[train.labels == i].mean(0), dim=0)
-
-    # ---- 3. score, keep, weight: one vector per class; each split scored within its pool
-    scores = [None] * len(order)
-    for split, pool in POOLS.items():
-        at = [i for i, k in enumerate(order) if k[0] in pool]
-        pooled = score_candidates([embs[i] for i in at], None if images is None else images[at],
-                                  args.image_weight, args.support_k)
-        for i, sc in zip(at, pooled):
-            if order[i][0] == split:
-                scores[i] = sc
-    vectors = {s: [] for s in common.SPLITS}
-    for k, e, sc in zip(order, embs, scores):
-        if templates_only:  # the ablation: CLIP's prompt ensemble, no mining
-            v, w = mean_vector(e), torch.full((len(e),), 1 / len(e))
-        else:
-            v, w = mine_vector(e, sc["score"], args.keep, args.temperature)
-        vectors[k[0]].append(v)
-        for j, c in enumerate(candidates[k]):
-            c.update(score=round(sc["score"][j].item(), 4), agree=round(sc["agree"][j].item(), 4),
-                     specific=round(sc["specific"][j].item(), 4), image=round(sc["image"][j].item(), 4),
-                     weight=round(w[j].item(), 4), kept=bool(w[j] > 0))
-    state = {s: torch.stack(vectors[s]) if vectors[s] else torch.zeros(0, embs[0].shape[1]) for s in common.SPLITS}
-    kept = sum(c["kept"] for k in order for c in candidates[k])
-    print(f"mining kept {kept} of {n_cands} candidates" + (" (templates only: plain prompt ensemble)" if templates_only else ""))
-    for src in [x["name"] for x in sources]:
-        mine_src = [c for k in order for c in candidates[k] if c["source"] == src]
-        if mine_src:
-            print(f"  {src}: kept {sum(c['kept'] for c in mine_src)} of {len(mine_src)}")
-    removed, n_wrong, right_kept = wrong_removed([candidates[k] for k in order])
-    if removed is not None:
-        print(f"  wrong statements removed: {removed:.0%} of {n_wrong}; correct ones kept: {right_kept:.0%}")
-
-    # ---- 4. optionally, measure: teacher zero-shot on the val (or novel) classes
-    report = None
-    if args.compare:
-        split = args.split
-        feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, measured, device)
-        split_keys = [k for k in order if k[0] == split]
-        split_embs = [embs[order.index(k)] for k in split_keys]
-        rows = {"templates only": torch.stack([mean_vector(torch.stack([table[t.format(n)] for t in TEMPLATES]))
-                                               for n in classes[split]]),
-                "all candidates averaged": torch.stack([mean_vector(e) for e in split_embs]),
-                "SynMine" + (" (= templates)" if templates_only else ""): state[split]}
-        for x in sources:  # each source alone, averaged: who contributes what
-            if x["name"] != "templates":
-                per = [[table[c["text"]] for c in candidates[k] if c["source"] == x["name"]] for k in split_keys]
-                if all(per):
-                    rows[f"{x['name']} only, averaged"] = torch.stack([mean_vector(torch.stack(p)) for p in per])
-        accs = zero_shot(feats, measured.labels, rows, args.ways, args.queries, args.episodes, args.seed)
-        removed_split, n_wrong_split, kept_split = wrong_removed([candidates[k] for k in split_keys])
-        print(f"teacher zero-shot, {args.ways}-way, {len(classes[split])} {split} classes, "
-              f"{args.episodes} episodes x {args.queries} queries (mean +- 95% CI):")
-        for name, (mean, ci) in accs.items():
-            print(f"  {name:40s} {mean:6.2f} +- {ci:.2f}")
-        if removed_split is not None:
-            print(f"  wrong statements removed on {split} classes: {removed_split:.0%} of {n_wrong_split}; "
-                  f"correct ones kept: {kept_split:.0%}")
-        shares = weight_shares([candidates[k] for k in split_keys])
-        for name, (n_share, w_share) in shares.items():
-            print(f"  {name:40s} {n_share:6.1%} of the candidates, {w_share:6.1%} of the weight")
-        report = {"split": split, "shares": {n: {"candidates": a, "weight": b} for n, (a, b) in shares.items()}, "ways": args.ways, "queries": args.queries, "episodes": args.episodes,
-                  "seed": args.seed, "accuracy": {name: {"mean": mean, "ci95": ci} for name, (mean, ci) in accs.items()},
-                  "wrong_removed": removed_split, "wrong": n_wrong_split, "correct_kept": kept_split,
-                  "wrong_removed_all": removed, "wrong_all": n_wrong, "correct_kept_all": right_kept}
-
-    # ---- 5. write the vectors and the readable JSON (neither holds the key)
-    config = vars(args) | {"llm": [redact_spec(s) for s in (args.llm or [])], "out": args.out}
-    upstream = {x["name"]: x["file_id"] for x in sources if x["kind"] == "file"}
-    failed_counts = {src: len(f) for src, f in failures.items()}
-    doc = {"dataset": args.dataset, "teacher": teacher_id, "checkpoint": args.out, "config": config,
-           "sources": sources, "failures": failures, "compare": report,
-           "splits": {s: {n: {"kept": sum(c["kept"] for c in candidates[(s, i)]), "candidates": candidates[(s, i)]}
-                          for i, n in enumerate(classes[s])} for s in common.SPLITS}}
-    common.save_checkpoint(out_path, "mine", config, args.dataset, classes, state, upstream=upstream,
-                           teacher=teacher_id, sources=[x["name"] for x in sources], failures=failed_counts,
-                           together={json_path: json.dumps(doc, ensure_ascii=False, indent=1)})  # one step
-    print(f"wrote {out_path} ({', '.join(f'{s} {tuple(state[s].shape)}' for s in common.SPLITS)}) "
-          f"and {json_path} ({time.time() - t0:.0f}s)")
 
 
 if __name__ == "__main__":

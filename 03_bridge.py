@@ -59,36 +59,8 @@ import torch.nn.functional as F
 import common
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(p)
-    p.add_argument("--student", default=common.STUDENT, help="stage-1 checkpoint in the run folder")
-    p.add_argument("--semantics", default=common.SEMANTICS, help="stage-2 checkpoint in the run folder")
-    p.add_argument("--out", default=common.BRIDGE, help="checkpoint name in the run folder")
-    p.add_argument("--hidden", type=int, default=512, help="hidden width of h and g")
-    p.add_argument("--dropout", type=float, default=0.3, help="dropout inside h and g")
-    p.add_argument("--epochs", type=int, default=60, help="passes over the base features")
-    p.add_argument("--batch-size", type=int, default=256, help="base features per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay")
-    p.add_argument("--w-cls", type=float, default=1.0, help="weight of the cls term (h(t) classifies base features)")
-    p.add_argument("--w-centre", type=float, default=1.0, help="weight of the centre term (h(t_c) ~ mu_c)")
-    p.add_argument("--w-sem", type=float, default=1.0, help="weight of the sem term (g(f(x)) classified against t)")
-    p.add_argument("--w-cyc-s", type=float, default=1.0, help="weight of the semantic cycle g(h(t)) ~ t")
-    p.add_argument("--w-cyc-v", type=float, default=1.0, help="weight of the visual cycle h(g(mu)) ~ mu")
-    p.add_argument("--mix", type=float, default=1.0, help="weight of h(t) in the fixed mix used for validation")
-    p.add_argument("--val-episodes", type=int, default=300, help="fixed 5-way val episodes")
-    p.add_argument("--folds", type=int, default=4,
-                   help="cross-fitting: base-class weights h(t_c) from bridges fit on the other folds, for stage 4 "
-                        "(1: none, stage 4 then uses the main bridge's)")
-    return p.parse_args(argv)
-
-
-# the valid values of the numeric flags, checked before any work (common.check_flags)
-RANGES = {"hidden": "[1, inf)", "dropout": "[0, 1)", "batch_size": "[1, inf)", "lr": "(0, inf)",
-          "weight_decay": "[0, inf)", "w_cls": "[0, inf)", "w_centre": "[0, inf)", "w_sem": "[0, inf)",
-          "w_cyc_s": "[0, inf)", "w_cyc_v": "[0, inf)", "mix": "[0, inf)", "val_episodes": "[1, inf)"}
-
+# ----------------------------------------------------------------------------------
+# The method: VSBird's two maps, its losses, the fixed fusion it is scored by, its training
 
 def mlp(d_in, d_hidden, d_out, dropout):
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.LeakyReLU(0.1), nn.Dropout(dropout), nn.Linear(d_hidden, d_out))
@@ -179,6 +151,40 @@ def fit(args, f_train, y_train, t_train, centres, val_eps, device, desc):
         bar.set_postfix(loss=f"{loss.item():.3f}", zero=f"{zero:.1f}", mix=f"{mixed:.1f}")
     bridge.load_state_dict(best[1])
     return bridge.eval(), history, best[0]
+
+
+# ----------------------------------------------------------------------------------
+# The run: flags, then main() (features, training, checkpoint)
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(p)
+    p.add_argument("--student", default=common.STUDENT, help="stage-1 checkpoint in the run folder")
+    p.add_argument("--semantics", default=common.SEMANTICS, help="stage-2 checkpoint in the run folder")
+    p.add_argument("--out", default=common.BRIDGE, help="checkpoint name in the run folder")
+    p.add_argument("--hidden", type=int, default=512, help="hidden width of h and g")
+    p.add_argument("--dropout", type=float, default=0.3, help="dropout inside h and g")
+    p.add_argument("--epochs", type=int, default=60, help="passes over the base features")
+    p.add_argument("--batch-size", type=int, default=256, help="base features per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay")
+    p.add_argument("--w-cls", type=float, default=1.0, help="weight of the cls term (h(t) classifies base features)")
+    p.add_argument("--w-centre", type=float, default=1.0, help="weight of the centre term (h(t_c) ~ mu_c)")
+    p.add_argument("--w-sem", type=float, default=1.0, help="weight of the sem term (g(f(x)) classified against t)")
+    p.add_argument("--w-cyc-s", type=float, default=1.0, help="weight of the semantic cycle g(h(t)) ~ t")
+    p.add_argument("--w-cyc-v", type=float, default=1.0, help="weight of the visual cycle h(g(mu)) ~ mu")
+    p.add_argument("--mix", type=float, default=1.0, help="weight of h(t) in the fixed mix used for validation")
+    p.add_argument("--val-episodes", type=int, default=300, help="fixed 5-way val episodes")
+    p.add_argument("--folds", type=int, default=4,
+                   help="cross-fitting: base-class weights h(t_c) from bridges fit on the other folds, for stage 4 "
+                        "(1: none, stage 4 then uses the main bridge's)")
+    return p.parse_args(argv)
+
+
+# the valid values of the numeric flags, checked before any work (common.check_flags)
+RANGES = {"hidden": "[1, inf)", "dropout": "[0, 1)", "batch_size": "[1, inf)", "lr": "(0, inf)",
+          "weight_decay": "[0, inf)", "w_cls": "[0, inf)", "w_centre": "[0, inf)", "w_sem": "[0, inf)",
+          "w_cyc_s": "[0, inf)", "w_cyc_v": "[0, inf)", "mix": "[0, inf)", "val_episodes": "[1, inf)"}
 
 
 def main(argv=None):

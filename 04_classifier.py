@@ -19,7 +19,7 @@ What it does (meta-trained on base-class episodes; student and bridge frozen)
                                 also be trained to reconstruct the class's full-data
                                 weight (--w-rec; for base classes the true centre is known).
                                 R starts as the identity and, by default, stays so: it
-                                trains only with --train-rec (see the val figures below).
+                                trains only with --train-rec (chosen on val classes, below).
     adaptive fusion             alpha = gate([cos(w_v, w_s), log K]) in (0, 1) per class;
                                 w = alpha * w_v + (1 - alpha) * w_s. With one shot the
                                 gate should lean on semantics, with five more on vision.
@@ -49,11 +49,9 @@ the base classes*, and three things made it learn the wrong lesson or none:
     h(t_c), after which w_s beats any support mean on base classes and the gate
     collapses again.
   The defaults --gate-lr 1e-2, --train-rec off and --w-rec 0 were chosen on the val
-  classes: `bash experiments/defaults.sh stage4` (-> runs/toy-defaults/sweep_val.md)
-  scores each alternative by the mean of 1-shot and 5-shot val accuracy over training
-  seeds 0-2: this default 80.11, --gate-lr 1e-3 80.09, --gate-lr 1e-1 79.92,
-  --train-rec 79.63, --train-rec --w-rec 1 79.84 (differences this small are within
-  the noise of one run; the default is kept because no alternative beats it).
+  classes: `bash experiments/defaults.sh stage4` scores each alternative by the mean of
+  1-shot and 5-shot val accuracy over training seeds 0-2, and none beats them (the
+  figures: README, "Choices made on val classes").
 
 Our choices: base-class weights = normalised base feature centres (or the stage-1
 CE head with --base-weights head); the shot count alternates between the --shots
@@ -76,48 +74,8 @@ import common
 Bridge = importlib.import_module("03_bridge").Bridge  # the bridge's own class, so its weights load as trained
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(p)
-    p.add_argument("--student", default=common.STUDENT, help="stage-1 checkpoint in the run folder")
-    p.add_argument("--semantics", default=common.SEMANTICS, help="stage-2 checkpoint in the run folder")
-    p.add_argument("--bridge", default=common.BRIDGE, help="stage-3 checkpoint in the run folder")
-    p.add_argument("--out", default=common.CLASSIFIER, help="checkpoint name in the run folder")
-    p.add_argument("--base-weights", default="centres", choices=["centres", "head"],
-                   help="attention memory: normalised base feature centres, or the stage-1 CE head")
-    p.add_argument("--shots", default="1,5", help="shot counts drawn during meta-training")
-    p.add_argument("--n-way", type=int, default=5, help="classes per training episode")
-    p.add_argument("--n-query", type=int, default=15, help="queries per class in training episodes")
-    p.add_argument("--steps", type=int, default=1500, help="meta-training steps")
-    p.add_argument("--episodes-per-step", type=int, default=8, help="episodes in one step's batch")
-    p.add_argument("--hidden", type=int, default=16,
-                   help="hidden width of the reconstructor (small: a wide one memorises the base classes' centres)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine decay)")
-    p.add_argument("--gate-lr", type=float, default=1e-2,
-                   help="the gate's own learning rate (its input, an agreement in [-1, 1], moves little); chosen on "
-                        "val classes against 1e-3 and 1e-1 (see header)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay")
-    p.add_argument("--train-rec", action="store_true",
-                   help="train the reconstructor R too (default: R stays the identity, w_s = h(t_c); trained, it "
-                        "lowered val accuracy, see header)")
-    p.add_argument("--w-rec", type=float, default=0.0,
-                   help="with --train-rec: weight of the reconstruction term (above 0 R memorises the base centres)")
-    p.add_argument("--finetune-bridge", action="store_true", help="let the bridge's h train too (default frozen)")
-    p.add_argument("--gate", default="per-class", choices=["per-class", "shared"],
-                   help="per-class: the gate sees each class's agreement cos(w_v, w_s) and log K; shared: it sees "
-                        "log K only, one learned mix for all classes (the syntrans-fixed-gate ablation)")
-    p.add_argument("--shuffle-semantics", action="store_true",
-                   help="ablation: train (and, in stage 5, score) with semantic vectors shuffled across classes, "
-                        "so that they carry no information (the syntrans-shuffled row)")
-    p.add_argument("--val-every", type=int, default=100, help="validate every this many steps")
-    p.add_argument("--val-episodes", type=int, default=300, help="fixed val episodes per shot count")
-    return p.parse_args(argv)
-
-
-# the valid values of the numeric flags, checked before any work (common.check_flags)
-RANGES = {"episodes_per_step": "[1, inf)", "hidden": "[1, inf)", "lr": "(0, inf)", "gate_lr": "(0, inf)",
-          "weight_decay": "[0, inf)", "w_rec": "[0, inf)", "val_episodes": "[1, inf)"}
-
+# ----------------------------------------------------------------------------------
+# The method: the visual weight generator, the semantic weight reconstructor and their gate
 
 def mlp(d_in, d_hidden, d_out):
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.LeakyReLU(0.1), nn.Linear(d_hidden, d_out))
@@ -182,21 +140,50 @@ def shuffled_order(n, seed, split):
     return torch.randperm(n, generator=g)
 
 
-def load_upstream(args, classes, device):
-    """The frozen student, the semantic vectors and the bridge, checked against each other."""
-    hint = {"distill": "run 01_distill.py", "mine": "run 02_mine.py", "bridge": "run 03_bridge.py"}
-    paths = {"distill": args.student, "mine": args.semantics, "bridge": args.bridge}
-    ck = {}
-    for stage, name in paths.items():
-        path = os.path.join(args.run, name)
-        ck[stage] = common.load_checkpoint(path, stage, f"{hint[stage]} --run {args.run} first")
-        common.check_same_world(ck[stage], path, args.dataset, classes)
-    up = ck["bridge"]["upstream"]
-    for stage in ("distill", "mine"):
-        if up.get(paths[stage]) != ck[stage]["id"]:
-            raise common.UserError(f"{args.bridge} was built on another {paths[stage]} than the one in {args.run}: "
-                                   f"rerun 03_bridge.py --run {args.run}")
-    return ck, common.load_student(ck["distill"], device), Bridge.from_checkpoint(ck["bridge"], device)
+# ----------------------------------------------------------------------------------
+# The run: flags, then main() (upstream, episodic training, checkpoint)
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(p)
+    p.add_argument("--student", default=common.STUDENT, help="stage-1 checkpoint in the run folder")
+    p.add_argument("--semantics", default=common.SEMANTICS, help="stage-2 checkpoint in the run folder")
+    p.add_argument("--bridge", default=common.BRIDGE, help="stage-3 checkpoint in the run folder")
+    p.add_argument("--out", default=common.CLASSIFIER, help="checkpoint name in the run folder")
+    p.add_argument("--base-weights", default="centres", choices=["centres", "head"],
+                   help="attention memory: normalised base feature centres, or the stage-1 CE head")
+    p.add_argument("--shots", default="1,5", help="shot counts drawn during meta-training")
+    p.add_argument("--n-way", type=int, default=5, help="classes per training episode")
+    p.add_argument("--n-query", type=int, default=15, help="queries per class in training episodes")
+    p.add_argument("--steps", type=int, default=1500, help="meta-training steps")
+    p.add_argument("--episodes-per-step", type=int, default=8, help="episodes in one step's batch")
+    p.add_argument("--hidden", type=int, default=16,
+                   help="hidden width of the reconstructor (small: a wide one memorises the base classes' centres)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine decay)")
+    p.add_argument("--gate-lr", type=float, default=1e-2,
+                   help="the gate's own learning rate (its input, an agreement in [-1, 1], moves little); chosen on "
+                        "val classes against 1e-3 and 1e-1 (see header)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay")
+    p.add_argument("--train-rec", action="store_true",
+                   help="train the reconstructor R too (default: R stays the identity, w_s = h(t_c); trained, it "
+                        "lowered val accuracy, see header)")
+    p.add_argument("--w-rec", type=float, default=0.0,
+                   help="with --train-rec: weight of the reconstruction term (above 0 R memorises the base centres)")
+    p.add_argument("--finetune-bridge", action="store_true", help="let the bridge's h train too (default frozen)")
+    p.add_argument("--gate", default="per-class", choices=["per-class", "shared"],
+                   help="per-class: the gate sees each class's agreement cos(w_v, w_s) and log K; shared: it sees "
+                        "log K only, one learned mix for all classes (the syntrans-fixed-gate ablation)")
+    p.add_argument("--shuffle-semantics", action="store_true",
+                   help="ablation: train (and, in stage 5, score) with semantic vectors shuffled across classes, "
+                        "so that they carry no information (the syntrans-shuffled row)")
+    p.add_argument("--val-every", type=int, default=100, help="validate every this many steps")
+    p.add_argument("--val-episodes", type=int, default=300, help="fixed val episodes per shot count")
+    return p.parse_args(argv)
+
+
+# the valid values of the numeric flags, checked before any work (common.check_flags)
+RANGES = {"episodes_per_step": "[1, inf)", "hidden": "[1, inf)", "lr": "(0, inf)", "gate_lr": "(0, inf)",
+          "weight_decay": "[0, inf)", "w_rec": "[0, inf)", "val_episodes": "[1, inf)"}
 
 
 def main(argv=None):
@@ -306,6 +293,26 @@ def main(argv=None):
     print(f"wrote {out}: best mean val accuracy {best[0]:.2f}%; last: " +
           ", ".join(f"{k}-shot {h[f'val_{k}shot']:.2f}% (gate {h[f'gate_{k}shot']:.2f})" for k in shots) +
           f"; {time.time() - t0:.0f}s")
+
+
+# ----------------------------------------------------------------------------------
+# Plumbing: the upstream checkpoints, loaded and checked against each other
+
+def load_upstream(args, classes, device):
+    """The frozen student, the semantic vectors and the bridge, checked against each other."""
+    hint = {"distill": "run 01_distill.py", "mine": "run 02_mine.py", "bridge": "run 03_bridge.py"}
+    paths = {"distill": args.student, "mine": args.semantics, "bridge": args.bridge}
+    ck = {}
+    for stage, name in paths.items():
+        path = os.path.join(args.run, name)
+        ck[stage] = common.load_checkpoint(path, stage, f"{hint[stage]} --run {args.run} first")
+        common.check_same_world(ck[stage], path, args.dataset, classes)
+    up = ck["bridge"]["upstream"]
+    for stage in ("distill", "mine"):
+        if up.get(paths[stage]) != ck[stage]["id"]:
+            raise common.UserError(f"{args.bridge} was built on another {paths[stage]} than the one in {args.run}: "
+                                   f"rerun 03_bridge.py --run {args.run}")
+    return ck, common.load_student(ck["distill"], device), Bridge.from_checkpoint(ck["bridge"], device)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,9 @@ COMPARISONS = [
     ("protonet-euclidean", "protonet-distilled", "squared Euclidean against cosine prototypes"),
 ]
 
+# ----------------------------------------------------------------------------------
+# The run: the checkpoints it reads, its flags, then main() (load, score every row, write)
+
 # checkpoints of the ablations run.sh makes: name -> file in the run folder
 FILES = {"student-ce": common.STUDENT_CE, "semantics": common.SEMANTICS, "bridge": common.BRIDGE,
          "syntrans": common.CLASSIFIER, "syntrans-fixed-gate": "04_classifier_fixed_gate.pt",
@@ -394,9 +397,15 @@ def check_consistent(st, ck, dataset, classes):
             common.check_same_world(c, c["path"], dataset, classes)
             for up, u in made.items():  # a stage rerun since: what was built on it is stale
                 if u is not None:
-                    common.check_upstream(c, c["path"], up, u["id"], "rerun the stages after it (see run.sh)")
+                    check_upstream(c, c["path"], up, u["id"], "rerun the stages after it (see run.sh)")
     common.check_same_teacher({common.STUDENT: st, FILES["semantics"]: ck["semantics"],
                                FILES["semantics-templates"]: ck["semantics-templates"]})
+
+
+def check_upstream(ckpt, path, name, expected_id, hint):
+    """Refuse a checkpoint built on another version of `name` than the one in the run folder."""
+    if name in ckpt.get("upstream", {}) and ckpt["upstream"][name] != expected_id:
+        raise common.UserError(f"{path} was built on another {name} than the one there now: {hint}")
 
 
 def how_to_make(row, ck, run):

@@ -6,10 +6,13 @@ common.py: the little every SynTrans stage shares.
   3. datasets (the toy world and the real benchmarks) and their class names
   4. the CLIP teacher, loaded through open_clip only
   5. feature extraction with an on-disk cache
-  6. plumbing: device, seeds, user errors, atomic checkpoints, the run folder, flag checks
+  6. running a stage: one-line errors, Ctrl-C, device, seed, the shared flags
+  7. checkpoints, written atomically with the record of what made them
+  8. checks before any work: flags, the run folder, upstream checkpoints that must agree
+  9. `python common.py check`: a dataset folder read whole before hours of training
 
 Each stage script (01_distill.py ... 05_eval.py) tells its own story and imports
-only these pieces.
+only these pieces; what only one stage uses lives in that stage.
 """
 import contextlib
 import errno
@@ -420,17 +423,6 @@ def read_cifar100(root):
     return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]), names
 
 
-def download(dataset, root):
-    """Fetch CIFAR-100 into root/cifar-100-python with torchvision (used only to download)."""
-    if LAYOUTS.get(dataset) != _CIFAR or not root:
-        raise UserError("--download needs --dataset cifar-fs or fc100 and a --data-root")
-    import torchvision
-    try:
-        torchvision.datasets.CIFAR100(root, train=True, download=True)
-    except Exception as e:  # offline, disk full, ...
-        raise UserError(f"could not download CIFAR-100 into {root} ({type(e).__name__}: {e})")
-
-
 def _cifar(dataset, split, root, size=None):
     """cifar-fs (64/16/20 classes) and fc100 (60/20/20, by superclass): all 600 images of a class, 32x32."""
     images, fine, names = read_cifar100(_data_root(dataset, root))
@@ -516,18 +508,6 @@ def _own(dataset, split, root, size=None):
     size = size or 84
     return _make_split(dataset, split, classes, labels, where, paths=paths, size=size,
                        data_id=files_id(paths, labels, size))
-
-
-def check_images(split):
-    """Decode every image file of a split (JPEGs at reduced scale, which is fast) to find broken ones."""
-    from PIL import Image
-    for path in split.paths or []:
-        try:
-            with Image.open(path) as im:
-                im.draft("RGB", (split.size, split.size))
-                im.load()
-        except Exception as e:
-            raise UserError(f"cannot read image {path} ({type(e).__name__}): replace or delete it")
 
 
 # name -> loader(name, split, root, size). The toy worlds are rendered once into the image store.
@@ -697,18 +677,6 @@ def load_teacher(name, pretrained=None, device="cpu"):
     return model, preprocess, open_clip.get_tokenizer(arch), ident
 
 
-TEXT_CHARS = 1000  # far more than 77 tokens of any text
-
-
-@torch.no_grad()
-def encode_texts(model, tokenizer, texts, device, batch=256):
-    """L2-normalised text embeddings [len(texts), m]. CLIP reads 77 tokens at most, so each text
-    is cut to TEXT_CHARS characters first (its tokenizer is super-linear in a long word)."""
-    texts = [t[:TEXT_CHARS] for t in texts]
-    out = [model.encode_text(tokenizer(texts[i:i + batch]).to(device)).float() for i in range(0, len(texts), batch)]
-    return F.normalize(torch.cat(out), dim=-1).cpu()
-
-
 # ----------------------------------------------------------------------------------
 # 5. Features of a whole split, computed once and cached in the run folder. The key
 #    records what produced them, so a changed model or dataset never reuses them.
@@ -782,7 +750,8 @@ def student_features(run, student, student_id, split, device):
 
 
 # ----------------------------------------------------------------------------------
-# 6. Plumbing
+# 6. Running a stage: a one-line error for a user's mistake, Ctrl-C and SIGTERM, the
+#    device, the seed and the flags every stage takes
 
 class UserError(Exception):
     """A mistake in the input (a path, a flag, a missing stage) rather than a bug:
@@ -851,6 +820,24 @@ def set_seed(seed):
     np.random.seed(seed)
     torch.manual_seed(seed)
 
+
+def add_common_args(p, dataset="toy", clip="toy-clip"):
+    """The flags every stage shares: where the run lives, what data and which teacher."""
+    p.add_argument("--run", default="runs/toy", help="run folder: every stage reads and writes its files here")
+    p.add_argument("--dataset", default=dataset, help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data-root", default=None, help="folder of the real dataset (unused for the toy world)")
+    p.add_argument("--image-size", type=int, default=84, help="the student's input size for --dataset folder")
+    p.add_argument("--clip", default=clip, help="open_clip model name (e.g. ViT-B-32), or toy-clip / toy-clip-tiny")
+    p.add_argument("--clip-pretrained", default=None,
+                   help="open_clip pretrained tag (e.g. openai) or a local checkpoint file; "
+                        "toy teachers are trained once and cached when omitted")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    return p
+
+
+# ----------------------------------------------------------------------------------
+# 7. Checkpoints: written whole or not at all, and loaded with the record of what made them
 
 def file_id(path):
     """A short content hash: identifies the exact upstream checkpoint a stage was built on."""
@@ -955,76 +942,9 @@ def load_checkpoint(path, stage, hint):
     return ckpt
 
 
-def check_finite(loss, where, last_finite, kept=None, fix="lower --lr"):
-    """Returns loss.item(); a NaN or infinite loss stops the stage with one line saying where,
-    the last finite loss and what is kept (`kept`: the last good checkpoint, if it exists)."""
-    value = loss.item()
-    if math.isfinite(value):
-        return value
-    before = "none yet" if last_finite is None else f"{last_finite:.6g}"
-    kept = f"the last good epoch is kept in {kept}" if kept and os.path.exists(kept) else "no checkpoint was written"
-    raise UserError(f"loss became {value} at {where} (last finite loss {before}): {fix}; {kept}")
-
-
-def check_same_config(ckpt, path, config, ignore=()):
-    """Refuse to resume from a checkpoint made with other flags (the result would be neither run)."""
-    diff = [k for k in sorted(set(config) | set(ckpt["config"])) if k not in ignore
-            and ckpt["config"].get(k) != config.get(k)]
-    if diff:
-        k = diff[0]
-        more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
-        raise UserError(f"{path} was made with --{k.replace('_', '-')} {ckpt['config'].get(k)}, not {config.get(k)}"
-                        f"{more}: resume with the same flags, or start over without --resume")
-
-
-def same_teacher(a, b):
-    """Two teacher identities name the same teacher: the same model and, for weights read
-    from a file, the same file content (wherever it lies), else the same pretrained tag."""
-    if not a or not b:
-        return a == b
-    if a.get("quick_gelu", False) != b.get("quick_gelu", False):  # the same weights in another network
-        return False
-    if a.get("file_id") or b.get("file_id"):
-        return a["name"] == b["name"] and a.get("file_id") == b.get("file_id")
-    return a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained")
-
-
-def teacher_advice(a, b, rerun):
-    """What to do about two teachers that differ: the same flags with other file content
-    means the weights file itself was replaced since (e.g. in $SYNTRANS_CACHE)."""
-    if a and b and a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained"):
-        return f"the teacher file {a.get('pretrained')} has other content now: rerun the stages from 01_distill.py"
-    return f"{rerun} with the same --clip/--clip-pretrained"
-
-
-def check_same_teacher(ckpts):
-    """Refuse upstream checkpoints ({path: checkpoint}) made with different teachers
-    (a checkpoint without one, e.g. the CE-only student, is compatible with any)."""
-    made = [(p, c["teacher"]) for p, c in ckpts.items() if c is not None and c.get("teacher")]
-    for p, t in made[1:]:
-        if not same_teacher(t, made[0][1]):
-            who = [" ".join(str(x[k]) for k in ("name", "pretrained", "file_id") if x.get(k)) for x in (made[0][1], t)]
-            raise UserError(f"{made[0][0]} was made with teacher {who[0]} but {p} with {who[1]}: "
-                            f"{teacher_advice(made[0][1], t, 'rerun the stages')}")
-
-
-def check_upstream(ckpt, path, name, expected_id, hint):
-    """Refuse a checkpoint built on another version of `name` than the one in the run folder."""
-    if name in ckpt.get("upstream", {}) and ckpt["upstream"][name] != expected_id:
-        raise UserError(f"{path} was built on another {name} than the one there now: {hint}")
-
-
-def check_same_world(ckpt, path, dataset, classes=None, teacher=None):
-    """Refuse an upstream checkpoint built on another dataset, class list or teacher."""
-    if ckpt["dataset"] != dataset:
-        raise UserError(f"{path} was built on dataset '{ckpt['dataset']}', not '{dataset}': "
-                        f"use another --run folder or rerun that stage with --dataset {dataset}")
-    if classes is not None and ckpt["classes"] != classes:
-        raise UserError(f"{path} was built with other class names than dataset '{dataset}' has now: rerun that stage")
-    if teacher is not None and not same_teacher(ckpt.get("teacher"), teacher):
-        raise UserError(f"{path} was built with teacher {ckpt.get('teacher')}, not {teacher}: "
-                        f"{teacher_advice(ckpt.get('teacher'), teacher, 'rerun that stage')}")
-
+# ----------------------------------------------------------------------------------
+# 8. Checks before any work: flags in range, a writable run folder, and upstream
+#    checkpoints of this dataset and teacher
 
 def check_flags(args, ranges, out=None, stage=None):
     """Refuse, before any work, flags a stage cannot use: a number outside its interval
@@ -1052,6 +972,25 @@ def check_flags(args, ranges, out=None, stage=None):
     remove_stale_temp_files(args.run)
 
 
+def check_output(path, stage):
+    """Refuse to replace a file that is not a checkpoint of `stage` (stage 2 with --out
+    01_student.pt would destroy hours of training): checked before any work."""
+    name = os.path.basename(path)
+    if not name.endswith(".pt") or name == ".pt":
+        raise UserError(f"--out '{name}' is not a checkpoint file name: use a name ending in .pt")
+    if not os.path.lexists(path):
+        return
+    try:
+        found = torch.load(path, map_location="cpu", weights_only=True)
+        found = found.get("stage") if isinstance(found, dict) else None
+    except Exception:
+        found = None
+    if found != stage:
+        what = f"a checkpoint of stage '{found}'" if found else "not a checkpoint"
+        raise UserError(f"{path} exists and is {what}; this stage ('{stage}') does not replace it: "
+                        f"choose another --out, or delete the file first")
+
+
 def remove_stale_temp_files(run):
     """Remove, and say so, the temporary files (NAME.tmpPID) that a killed run (SIGKILL, a
     power cut) left in the run folder: those of a process that no longer exists."""
@@ -1076,42 +1015,74 @@ def _alive(pid):
     return True
 
 
-def check_output(path, stage):
-    """Refuse to replace a file that is not a checkpoint of `stage` (stage 2 with --out
-    01_student.pt would destroy hours of training): checked before any work."""
-    name = os.path.basename(path)
-    if not name.endswith(".pt") or name == ".pt":
-        raise UserError(f"--out '{name}' is not a checkpoint file name: use a name ending in .pt")
-    if not os.path.lexists(path):
-        return
-    try:
-        found = torch.load(path, map_location="cpu", weights_only=True)
-        found = found.get("stage") if isinstance(found, dict) else None
-    except Exception:
-        found = None
-    if found != stage:
-        what = f"a checkpoint of stage '{found}'" if found else "not a checkpoint"
-        raise UserError(f"{path} exists and is {what}; this stage ('{stage}') does not replace it: "
-                        f"choose another --out, or delete the file first")
+def check_same_world(ckpt, path, dataset, classes=None, teacher=None):
+    """Refuse an upstream checkpoint built on another dataset, class list or teacher."""
+    if ckpt["dataset"] != dataset:
+        raise UserError(f"{path} was built on dataset '{ckpt['dataset']}', not '{dataset}': "
+                        f"use another --run folder or rerun that stage with --dataset {dataset}")
+    if classes is not None and ckpt["classes"] != classes:
+        raise UserError(f"{path} was built with other class names than dataset '{dataset}' has now: rerun that stage")
+    if teacher is not None and not same_teacher(ckpt.get("teacher"), teacher):
+        raise UserError(f"{path} was built with teacher {ckpt.get('teacher')}, not {teacher}: "
+                        f"{teacher_advice(ckpt.get('teacher'), teacher, 'rerun that stage')}")
 
 
-def add_common_args(p, dataset="toy", clip="toy-clip"):
-    """The flags every stage shares: where the run lives, what data and which teacher."""
-    p.add_argument("--run", default="runs/toy", help="run folder: every stage reads and writes its files here")
-    p.add_argument("--dataset", default=dataset, help=f"one of {', '.join(DATASETS)}")
-    p.add_argument("--data-root", default=None, help="folder of the real dataset (unused for the toy world)")
-    p.add_argument("--image-size", type=int, default=84, help="the student's input size for --dataset folder")
-    p.add_argument("--clip", default=clip, help="open_clip model name (e.g. ViT-B-32), or toy-clip / toy-clip-tiny")
-    p.add_argument("--clip-pretrained", default=None,
-                   help="open_clip pretrained tag (e.g. openai) or a local checkpoint file; "
-                        "toy teachers are trained once and cached when omitted")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    return p
+def check_same_teacher(ckpts):
+    """Refuse upstream checkpoints ({path: checkpoint}) made with different teachers
+    (a checkpoint without one, e.g. the CE-only student, is compatible with any)."""
+    made = [(p, c["teacher"]) for p, c in ckpts.items() if c is not None and c.get("teacher")]
+    for p, t in made[1:]:
+        if not same_teacher(t, made[0][1]):
+            who = [" ".join(str(x[k]) for k in ("name", "pretrained", "file_id") if x.get(k)) for x in (made[0][1], t)]
+            raise UserError(f"{made[0][0]} was made with teacher {who[0]} but {p} with {who[1]}: "
+                            f"{teacher_advice(made[0][1], t, 'rerun the stages')}")
+
+
+def same_teacher(a, b):
+    """Two teacher identities name the same teacher: the same model and, for weights read
+    from a file, the same file content (wherever it lies), else the same pretrained tag."""
+    if not a or not b:
+        return a == b
+    if a.get("quick_gelu", False) != b.get("quick_gelu", False):  # the same weights in another network
+        return False
+    if a.get("file_id") or b.get("file_id"):
+        return a["name"] == b["name"] and a.get("file_id") == b.get("file_id")
+    return a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained")
+
+
+def teacher_advice(a, b, rerun):
+    """What to do about two teachers that differ: the same flags with other file content
+    means the weights file itself was replaced since (e.g. in $SYNTRANS_CACHE)."""
+    if a and b and a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained"):
+        return f"the teacher file {a.get('pretrained')} has other content now: rerun the stages from 01_distill.py"
+    return f"{rerun} with the same --clip/--clip-pretrained"
 
 
 # ----------------------------------------------------------------------------------
-# `python common.py check`: is a dataset folder complete and readable?
+# 9. `python common.py check`: is a dataset folder complete and readable? (run.sh runs it first)
+
+def download(dataset, root):
+    """Fetch CIFAR-100 into root/cifar-100-python with torchvision (used only to download)."""
+    if LAYOUTS.get(dataset) != _CIFAR or not root:
+        raise UserError("--download needs --dataset cifar-fs or fc100 and a --data-root")
+    import torchvision
+    try:
+        torchvision.datasets.CIFAR100(root, train=True, download=True)
+    except Exception as e:  # offline, disk full, ...
+        raise UserError(f"could not download CIFAR-100 into {root} ({type(e).__name__}: {e})")
+
+
+def check_images(split):
+    """Decode every image file of a split (JPEGs at reduced scale, which is fast) to find broken ones."""
+    from PIL import Image
+    for path in split.paths or []:
+        try:
+            with Image.open(path) as im:
+                im.draft("RGB", (split.size, split.size))
+                im.load()
+        except Exception as e:
+            raise UserError(f"cannot read image {path} ({type(e).__name__}): replace or delete it")
+
 
 def _check():
     """python common.py check --dataset D --data-root R [--download] [--clip M --clip-pretrained P]:

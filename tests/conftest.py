@@ -84,9 +84,10 @@ def write_semantics(run, teacher, dataset="toy-tiny", out=None, template="a phot
     text embedding of a prompt template, saved as the 'mine' checkpoint that stages 3-5
     read. Returns its path."""
     import common
+    encode_texts = stage("02_mine").encode_texts
     model, _, tokenizer, ident = teacher
     classes = common.class_names(dataset)
-    state = {s: common.encode_texts(model, tokenizer, [template.format(name=n) for n in classes[s]], "cpu")
+    state = {s: encode_texts(model, tokenizer, [template.format(name=n) for n in classes[s]], "cpu")
              for s in common.SPLITS}
     path = os.path.join(str(run), out or common.SEMANTICS)
     common.save_checkpoint(path, "mine", {"sources": "tests: one prompt template", "template": template},

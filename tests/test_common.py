@@ -1,5 +1,6 @@
 """Tests of common.py: the student, episodes, ProtoNet, the interval, checkpoints,
 the feature cache, datasets and the teacher."""
+import importlib
 import json
 import os
 
@@ -10,6 +11,8 @@ from PIL import Image
 
 import common
 import toyworld
+
+encode_texts = importlib.import_module("02_mine").encode_texts  # the teacher's text side: only stage 2 uses it
 
 NARROW = (8, 16, 24, 32)
 
@@ -332,7 +335,7 @@ def test_toy_teacher_is_a_frozen_open_clip_model_with_its_own_preprocessing(toy_
     res = cfg["vision_cfg"]["image_size"]
     for size in [(32, 32), (84, 84), (50, 40)]:  # whatever size the student uses
         assert preprocess(Image.new("RGB", size)).shape == (3, res, res)
-    texts = common.encode_texts(model, tokenizer, ["a red striped triangle", "a blue dotted star"], "cpu")
+    texts = encode_texts(model, tokenizer, ["a red striped triangle", "a blue dotted star"], "cpu")
     assert texts.shape == (2, cfg["embed_dim"]) and torch.allclose(texts.norm(dim=-1), torch.ones(2))
 
 

@@ -630,8 +630,9 @@ def test_stage2_refuses_descriptions_that_are_folders_or_damaged(tmp_path, capsy
 def test_an_enormous_description_is_cut_before_clips_tokenizer(toy_teacher):
     model, _, tokenizer, _ = toy_teacher
     word = "stripe" * 200_000  # 1.2 MB in one word: hours in the tokenizer if not cut first
-    assert torch.equal(common.encode_texts(model, tokenizer, [word, "a red circle"], "cpu"),
-                       common.encode_texts(model, tokenizer, [word[:common.TEXT_CHARS], "a red circle"], "cpu"))
+    mine = stage("02_mine")
+    assert torch.equal(mine.encode_texts(model, tokenizer, [word, "a red circle"], "cpu"),
+                       mine.encode_texts(model, tokenizer, [word[:mine.TEXT_CHARS], "a red circle"], "cpu"))
 
 
 # ----------------------------------------------------------------------------------
