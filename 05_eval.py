@@ -264,16 +264,15 @@ def teacher_feats(args, semantics_ck, split, device):
 
 
 def choose_mix(bridge, semantics_ck, f_val, val, shots, mixes, args, device):
-    """Per shot count, the --mixes coefficient with the best mean accuracy on 300 val
-    episodes (seed --episode-seed + 1: never the episodes a table reports)."""
+    """Per shot count, the --mixes coefficient with which the fixed-fusion row scores best
+    on 300 val episodes (seed --episode-seed + 1: never the episodes a table reports)."""
     w_val = bridge.to_visual(semantics_ck["state"]["val"].float().to(device))
     best = {}
     for k in shots:
         vcls, vidx = common.sample_episodes(val.labels, args.n_way, k, args.n_query, 300, seed=args.episode_seed + 1)
         vs, vq = common.split_episodes(f_val, vidx.to(device), k)
-        acc = {m: common.accuracy_from_logits(torch.einsum("enqd,ecd->enqc", F.normalize(vq, dim=-1),
-               fixed_mix(vs.mean(2), w_val[vcls.to(device)], m))).mean().item()
-               for m in mixes}
+        acc = {m: common.accuracy_from_logits(fixed_fusion({"w": w_val, "mix": {k: m}}, k, vcls.to(device), vs, vq))
+               .mean().item() for m in mixes}
         best[k] = max(acc, key=acc.get)
     return best
 
