@@ -14,9 +14,11 @@ common.py: the little every SynTrans stage shares.
 Each stage script (01_distill.py ... 05_eval.py) tells its own story and imports
 only these pieces; what only one stage uses lives in that stage.
 """
+import argparse
 import contextlib
 import errno
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -181,6 +183,17 @@ def check_episodes(split, n_way, shots, n_query, flags=None, min_shot=1):
         raise UserError(f"{split.dataset} {split.split} class '{split.classes[c]}' has {int(counts[c])} images; "
                         f"{max(shots)}-shot episodes with {n_query} queries need {need}{fix}")
     return shots
+
+
+VAL_WAYS, VAL_QUERIES = 5, 15  # the fixed validation episodes of stages 1, 3 and 4
+
+
+def val_episodes(val, k_shot, n_episodes, seed, flags=None):
+    """The fixed 5-way `k_shot`-shot val episodes (15 queries per class) on which stages 1, 3
+    and 4 keep their best epoch or step: (classes, index) as sample_episodes returns them. A
+    val split that cannot supply them is refused in one line (`flags`: what sets k_shot)."""
+    check_episodes(val, VAL_WAYS, k_shot, VAL_QUERIES, flags)
+    return sample_episodes(val.labels, VAL_WAYS, k_shot, VAL_QUERIES, n_episodes, seed)
 
 
 def split_episodes(feats, index, k_shot):
@@ -643,7 +656,8 @@ def load_teacher(name, pretrained=None, device="cpu"):
         arch, pretrained = "toy-clip", pretrained or toy_teacher_file(name)
         if not os.path.exists(pretrained):
             print(f"training the stand-in teacher {name} once (cached at {pretrained})")
-            toyworld.train_teacher(TOY_TEACHERS[name], pretrained)
+            teacher = toyworld.train_teacher(TOY_TEACHERS[name])
+            atomic_save(teacher.state_dict(), pretrained)  # a kill or full disk leaves no half file
             ident = teacher_identity(name, pretrained)
     jit = pretrained != RANDOM and os.path.exists(pretrained) and is_torchscript(pretrained)
     weights = None if pretrained == RANDOM or jit else pretrained
@@ -821,19 +835,93 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 
-def add_common_args(p, dataset="toy", clip="toy-clip"):
-    """The flags every stage shares: where the run lives, what data and which teacher."""
-    p.add_argument("--run", default="runs/toy", help="run folder: every stage reads and writes its files here")
-    p.add_argument("--dataset", default=dataset, help=f"one of {', '.join(DATASETS)}")
-    p.add_argument("--data-root", default=None, help="folder of the real dataset (unused for the toy world)")
-    p.add_argument("--image-size", type=int, default=84, help="the student's input size for --dataset folder")
-    p.add_argument("--clip", default=clip, help="open_clip model name (e.g. ViT-B-32), or toy-clip / toy-clip-tiny")
-    p.add_argument("--clip-pretrained", default=None,
-                   help="open_clip pretrained tag (e.g. openai) or a local checkpoint file; "
-                        "toy teachers are trained once and cached when omitted")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+def parser(doc):
+    """The flag parser of a stage: its description is the header's second line, the defaults
+    are shown in --help, and the flags every stage shares are declared already."""
+    p = argparse.ArgumentParser(description=(doc or "\n").split("\n")[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    flag(p, "--run", default="runs/toy", help="run folder: every stage reads and writes its files here")
+    flag(p, "--dataset", default="toy", help=f"one of {', '.join(DATASETS)}")
+    flag(p, "--data-root", default=None, help="folder of the real dataset (unused for the toy world)")
+    flag(p, "--image-size", type=int, default=84, help="the student's input size for --dataset folder")
+    flag(p, "--clip", default="toy-clip",
+         help="open_clip model name (e.g. ViT-B-32), or toy-clip / toy-clip-tiny")
+    flag(p, "--clip-pretrained", default=None,
+         help="open_clip pretrained tag (e.g. openai) or a local checkpoint file; "
+              "toy teachers are trained once and cached when omitted")
+    flag(p, "--seed", type=int, default=0, within="[0, 4294967295]",  # numpy takes 32-bit seeds
+         help="random seed")
+    flag(p, "--device", default=None, help="cuda / cpu (default: cuda when available)")
     return p
+
+
+def flag(p, *names, within=None, **kw):
+    """Declare a flag once: argparse's own arguments (default, type, help, ...) and, for a
+    number, `within`, the interval it must lie in ("(0, inf)", "[0, 1)"; NaN lies in none),
+    which start() checks before any work."""
+    action = p.add_argument(*names, **kw)
+    if within:
+        p.within = {**getattr(p, "within", {}), action.dest: within}
+
+
+def start(p, argv, stage=None, out=None):
+    """Begin a stage: parse the flags and refuse, before any work, a number outside its
+    declared interval, a --run folder that cannot be written and, for a stage that writes a
+    checkpoint, a file of that name there that is not an earlier output of `stage`. Then
+    remove the temporary files a killed run left in the run folder, pick the device and
+    seed every random generator. `out(args)` names the output when its default depends on
+    other flags (else --out). Returns (args, device); args.out is the output's name."""
+    args = p.parse_args(argv)
+    for name, interval in getattr(p, "within", {}).items():
+        check_range(name, getattr(args, name), interval)
+    if out is not None:
+        args.out = out(args)
+    check_run_folder(args.run)
+    if stage is not None:
+        check_output(os.path.join(args.run, args.out), stage)
+    remove_stale_temp_files(args.run)
+    device = get_device(args.device)
+    set_seed(args.seed)
+    return args, device
+
+
+def check_range(name, value, interval):
+    """`value` of flag `name` lies in `interval` ("[0, 1)": closed below, open above)."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    above = lo < value if interval[0] == "(" else lo <= value
+    if not (above and (value < hi if interval[-1] == ")" else value <= hi)):
+        raise UserError(f"--{name.replace('_', '-')} {value} is out of range: use a value in {interval}")
+
+
+def check_finite(loss, where, last_finite=None, kept=None):
+    """The NaN check of every training loop: returns loss.item(), or stops the stage with one
+    line saying where the loss stopped being a number, the last finite loss and what is
+    kept (`kept`: the last good checkpoint, if it exists; else nothing was written)."""
+    value = loss.item()
+    if math.isfinite(value):
+        return value
+    before = "none yet" if last_finite is None else f"{last_finite:.6g}"
+    kept = f"the last good epoch is kept in {kept}" if kept and os.path.exists(kept) \
+        else "no checkpoint was written"
+    raise UserError(f"loss became {value} at {where} (last finite loss {before}): lower --lr; {kept}")
+
+
+def cosine_schedule(opt, steps):
+    """The learning rate decays from its value to 0 along half a cosine over `steps` steps."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+
+
+def mlp(d_in, d_hidden, d_out, dropout=None):
+    """Linear, LeakyReLU(0.1), (Dropout), Linear: the small maps of stages 3 and 4."""
+    drop = [] if dropout is None else [nn.Dropout(dropout)]
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.LeakyReLU(0.1), *drop, nn.Linear(d_hidden, d_out))
+
+
+def stage_module(name):
+    """Another stage's module ("03_bridge"): its classes load the weights that stage wrote.
+    (A file name that starts with a digit cannot be imported with `import`.)"""
+    return importlib.import_module(name)
 
 
 # ----------------------------------------------------------------------------------
@@ -942,34 +1030,83 @@ def load_checkpoint(path, stage, hint):
     return ckpt
 
 
+class Resume:
+    """--resume (stage 1): after every epoch, <out>.last.pt holds the state of every part
+    (modules, optimiser, scheduler: anything with a state_dict), the random generators, the
+    history and the best epoch so far, so that a stopped run goes on exactly where it was.
+    Made before any work, it tells a Ctrl-C whether there is an epoch to go on from."""
+
+    def __init__(self, out, wanted, stage, device):
+        self.path, self.stage, self.device = out[:-len(".pt")] + ".last.pt", stage, device
+        self.wanted = wanted
+        self.ready = wanted and os.path.exists(self.path)  # an epoch of this run, not an older run's
+        on_interrupt(lambda: f"the last completed epoch is kept in {self.path}: rerun the same "
+                     f"command with --resume to continue" if self.ready
+                     else "no epoch had finished, nothing to resume: rerun")
+
+    def kept(self):
+        """The file that holds this run's last completed epoch, or None."""
+        return self.path if self.ready else None
+
+    def load(self, parts, config, dataset, classes, teacher, ignore=()):
+        """Restore `parts` from the last epoch when resuming: (epoch, history, (best accuracy,
+        best state)), or (0, [], (-1.0, None)) for a fresh start. The file must come from the
+        same dataset, teacher and flags (those in `ignore` may differ)."""
+        if not self.ready:
+            if self.wanted:
+                print(f"no {self.path} to resume from: starting at epoch 1")
+            return 0, [], (-1.0, None)
+        ck = load_checkpoint(self.path, self.stage, "rerun without --resume")
+        check_same_world(ck, self.path, dataset, classes, teacher)
+        check_same_config(ck, self.path, config, ignore)
+        for name, part in parts.items():
+            part.load_state_dict(ck["state"][name])
+        torch.set_rng_state(ck["state"]["rng"])
+        if self.device.type == "cuda" and "cuda_rng" in ck["state"]:  # DropBlock draws on the GPU
+            torch.cuda.set_rng_state(ck["state"]["cuda_rng"], self.device)
+        print(f"resumed from {self.path} at epoch {ck['epoch']}")
+        return ck["epoch"], ck["history"], (ck["best_acc"], ck["state"]["best"])
+
+    def save(self, parts, config, dataset, classes, teacher, epoch, history, best):
+        """The checkpoint of a completed epoch (atomic: a kill never leaves half a file)."""
+        cuda = self.device.type == "cuda"
+        state = {name: part.state_dict() for name, part in parts.items()}
+        state |= {"rng": torch.get_rng_state(),
+                  **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if cuda else {}),
+                  "best": best[1]}
+        save_checkpoint(self.path, self.stage, config, dataset, classes, teacher=teacher,
+                        epoch=epoch, history=history, best_acc=best[0], state=state)
+        self.ready = True
+
+
+def check_same_config(ckpt, path, config, ignore=()):
+    """Refuse to resume from a checkpoint made with other flags (the result would be neither run)."""
+    diff = [k for k in sorted(set(config) | set(ckpt["config"])) if k not in ignore
+            and ckpt["config"].get(k) != config.get(k)]
+    if diff:
+        k = diff[0]
+        more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+        raise UserError(f"{path} was made with --{k.replace('_', '-')} {ckpt['config'].get(k)}, "
+                        f"not {config.get(k)}{more}: resume with the same flags, "
+                        f"or start over without --resume")
+
+
 # ----------------------------------------------------------------------------------
 # 8. Checks before any work: flags in range, a writable run folder, and upstream
 #    checkpoints of this dataset and teacher
 
-def check_flags(args, ranges, out=None, stage=None):
-    """Refuse, before any work, flags a stage cannot use: a number outside its interval
-    (`ranges` maps a flag's attribute name to an interval such as "(0, inf)" or "[0, 1)";
-    NaN lies in none), a --run folder that cannot be written and, when `out` is given, a
-    file there that is not an earlier output of `stage` (it is never replaced). Then removes
-    the temporary files that a killed run left there."""
-    for name, interval in {"seed": "[0, 4294967295]", **ranges}.items():  # numpy takes 32-bit seeds
-        value, (lo, hi) = getattr(args, name), (float(x) for x in interval[1:-1].split(","))
-        above = lo < value if interval[0] == "(" else lo <= value
-        if not (above and (value < hi if interval[-1] == ")" else value <= hi)):
-            raise UserError(f"--{name.replace('_', '-')} {value} is out of range: use a value in {interval}")
-    folder = os.path.abspath(args.run)
+def check_run_folder(run):
+    """Refuse, before any work, a --run folder that cannot be written (or is a file)."""
+    folder = os.path.abspath(run)
     while not os.path.exists(folder):  # the part of --run that exists already
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
-        raise UserError(f"--run {args.run}: {folder} is a file, not a folder: choose another --run")
+        raise UserError(f"--run {run}: {folder} is a file, not a folder: choose another --run")
     try:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise UserError(f"--run {args.run} cannot be written ({e.strerror}): "
+        raise UserError(f"--run {run} cannot be written ({e.strerror}): "
                         f"choose a folder you can write to") from None
-    if out is not None:
-        check_output(out, stage)
-    remove_stale_temp_files(args.run)
 
 
 def check_output(path, stage):
@@ -1058,6 +1195,38 @@ def teacher_advice(a, b, rerun):
     return f"{rerun} with the same --clip/--clip-pretrained"
 
 
+SCRIPTS = {"distill": "01_distill.py", "mine": "02_mine.py", "bridge": "03_bridge.py",
+           "classifier": "04_classifier.py"}  # stage -> the script that writes its checkpoints
+
+
+def load_upstream(args, files, classes, optional=(), built_on=None):
+    """The checkpoints a stage builds on, files = {key: (stage, file name in the run folder)},
+    loaded and checked before any work. Each must exist (else: the command that makes it; a
+    key in `optional` is None instead), be of this dataset and class list, agree with the
+    others on the teacher, and be built on the files now in the run folder (a stage rerun
+    since makes what was built on it stale); built_on = {key: [keys]}: the files that one
+    must have been built on. Returns {key: checkpoint}."""
+    ck = {}
+    for key, (stage, name) in files.items():
+        path = os.path.join(args.run, name)
+        if key in optional and not os.path.exists(path):
+            ck[key] = None
+            continue
+        hint = ("rerun the stage that writes it (or leave it deleted: its rows are then skipped)"
+                if key in optional else f"run {SCRIPTS[stage]} --run {args.run} first")
+        ck[key] = load_checkpoint(path, stage, hint)
+        check_same_world(ck[key], path, args.dataset, classes)
+    loaded = [c for c in ck.values() if c is not None]
+    check_same_teacher({c["path"]: c for c in loaded})
+    pairs = [(ck[k], ck[u], True) for k, ups in (built_on or {}).items() for u in ups]
+    for c, u, required in pairs + [(c, u, False) for c in loaded for u in loaded]:
+        name = os.path.basename(u["path"])
+        if (required or name in c["upstream"]) and c["upstream"].get(name) != u["id"]:
+            raise UserError(f"{c['path']} was built on another {name} than the one there now: "
+                            f"rerun {SCRIPTS[c['stage']]} --run {args.run} and the stages after it")
+    return ck
+
+
 # ----------------------------------------------------------------------------------
 # 9. `python common.py check`: is a dataset folder complete and readable? (run.sh runs it first)
 
@@ -1116,3 +1285,25 @@ def _check():
 
 if __name__ == "__main__":
     run_main(_check)
+
+
+# TEMPORARY (removed once every stage uses parser/flag/start): the old per-stage checks
+def add_common_args(p, dataset="toy", clip="toy-clip"):
+    p.add_argument("--run", default="runs/toy", help="run folder: every stage reads and writes its files here")
+    p.add_argument("--dataset", default=dataset, help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data-root", default=None, help="folder of the real dataset (unused for the toy world)")
+    p.add_argument("--image-size", type=int, default=84, help="the student's input size for --dataset folder")
+    p.add_argument("--clip", default=clip, help="open_clip model name (e.g. ViT-B-32), or toy-clip / toy-clip-tiny")
+    p.add_argument("--clip-pretrained", default=None, help="")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    return p
+
+
+def check_flags(args, ranges, out=None, stage=None):
+    for name, interval in {"seed": "[0, 4294967295]", **ranges}.items():
+        check_range(name, getattr(args, name), interval)
+    check_run_folder(args.run)
+    if out is not None:
+        check_output(out, stage)
+    remove_stale_temp_files(args.run)

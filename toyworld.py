@@ -451,9 +451,9 @@ def teacher_recipe(name):
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
 
 
-def train_teacher(name, path, seed=0, batch_size=256, lr=3e-3, log=print):
-    """Train the stand-in CLIP for the toy world `name` and save its state dict to
-    `path` (an ordinary open_clip checkpoint file). Architecture: data/toy-clip.json,
+def train_teacher(name, seed=0, batch_size=256, lr=3e-3, log=print):
+    """Train the stand-in CLIP for the toy world `name` and return it (the caller saves its
+    state dict: an ordinary open_clip checkpoint file). Architecture: data/toy-clip.json,
     built by open_clip's own classes (ModifiedResNet image tower, transformer text
     tower). Loss: the symmetric InfoNCE of CLIP."""
     import open_clip
@@ -493,8 +493,6 @@ def train_teacher(name, path, seed=0, batch_size=256, lr=3e-3, log=print):
             sched.step()
             step += 1
         log(f"toy-clip epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}")
-    import common
-    common.atomic_save(model.state_dict(), path)  # a kill or a full disk never leaves half a teacher
     return model
 
 

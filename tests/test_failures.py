@@ -198,7 +198,7 @@ def test_stage1_refuses_a_val_split_too_small_for_its_episodes_before_training(t
      ["/no/such/folder is not a folder"]),
     (["--clip", "no-such-clip"], ["unknown teacher 'no-such-clip'", "toy-clip-tiny", "ViT-B-32"]),
     (["--batch-size", "5000"], ["--batch-size 1 to 1280"]),
-    (["--epochs", "0"], ["--epochs must be at least 1"]),
+    (["--epochs", "0"], ["--epochs 0 is out of range", "[1, inf)"]),
 ])
 def test_stage1_bad_arguments(tmp_path, capsys, argv, parts):
     code, out, err = run_stage(capsys, "01_distill", "--run", str(tmp_path), *TINY01, *argv)
@@ -214,7 +214,7 @@ def test_stage4_refuses_ways_and_shots_the_split_cannot_supply(full_run, capsys)
     one_line_error(code, err, f"toy-tiny train class '{classes['train'][0]}' has 20 images; 6-shot episodes with 15 "
                               f"queries need 21: lower --n-way, --shots or --n-query")
     code, _, err = run_stage(capsys, "04_classifier", "--run", full_run, *WORLD, "--steps", "0")
-    one_line_error(code, err, "--steps and --val-every must be at least 1")
+    one_line_error(code, err, "--steps 0 is out of range", "[1, inf)")
     assert not os.path.exists(os.path.join(full_run, common.CLASSIFIER))
 
 
@@ -725,12 +725,11 @@ def test_a_failed_second_file_leaves_both_as_they_were(tmp_path, monkeypatch):
 
 
 def test_temporary_files_of_a_killed_run_are_removed_and_said(tmp_path, capsys):
-    import argparse
     (tmp_path / "cache").mkdir()
     dead = 4194305  # above Linux's largest pid: no such process
     left = [tmp_path / f"01_student.pt.tmp{dead}", tmp_path / "cache" / f"student-test-ab.pt.tmp{dead}"]
     for f in left + [tmp_path / f"02_semantics.pt.tmp{os.getpid()}"]:  # the last one: a live writer's
         f.write_bytes(b"half")
-    common.check_flags(argparse.Namespace(run=str(tmp_path), seed=0), {})
+    common.start(common.parser(None), ["--run", str(tmp_path)])  # as every stage starts
     assert not any(f.exists() for f in left) and (tmp_path / f"02_semantics.pt.tmp{os.getpid()}").exists()
     assert f"removed 2 temporary file(s) that a killed run left in {tmp_path}" in capsys.readouterr().out
