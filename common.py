@@ -357,7 +357,7 @@ def files_id(paths, *extra):
 
 
 # The four real benchmarks. Their class lists (id, readable name) are the project's own
-# files data/splits/<dataset>/<split>.tsv (made from ../shared/splits, see the README
+# files data/splits/<dataset>/<split>.tsv (made from the published splits: see the README
 # there); the row order of a file fixes the labels 0..C-1 of that split.
 
 SPLIT_DIR = os.path.join(REPO, "data", "splits")
