@@ -88,7 +88,7 @@ def test_batched_equals_a_per_episode_loop_for_every_batch_size():
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory, tiny_stage3_run, make_semantics):
     run = copy_run(tiny_stage3_run, tmp_path_factory.mktemp("eval") / "run")
-    f = evaluation.FILES
+    f = {key: file.name for key, file in evaluation.FILES.items()}
     classifier = importlib.import_module("04_classifier").main
     with torch_threads(1):
         importlib.import_module("01_distill").main(["--run", run, *TINY, *TINY_STUDENT, "--distill-weight", "0"])
@@ -171,7 +171,7 @@ def test_euclidean_protonet_is_minus_the_squared_distance():
 
 def test_shuffled_ablation_scores_with_stage_4s_shuffled_semantics(tiny_pipeline):
     """syntrans-shuffled reads each class's h(t_c) from another class, in the order stage 4 trained with."""
-    f = evaluation.FILES
+    f = {key: file.name for key, file in evaluation.FILES.items()}
     load = lambda name, stage: common.load_checkpoint(os.path.join(tiny_pipeline, f[name]), stage, "")
     sem = load("semantics", "mine")["state"]["test"].float()
     plain = evaluation.trained_classifier(tiny_pipeline, "syntrans", load("syntrans", "classifier"),
@@ -220,7 +220,7 @@ def test_results_md_has_one_line_per_method(tiny_pipeline):
 def test_a_row_whose_checkpoint_is_absent_is_listed_as_skipped(tmp_path, tiny_pipeline):
     run = copy_run(tiny_pipeline, tmp_path / "run")
     os.remove(os.path.join(run, common.STUDENT_CE))
-    os.remove(os.path.join(run, evaluation.FILES["syntrans-templates"]))
+    os.remove(os.path.join(run, evaluation.FILES["syntrans-templates"].name))
     evaluation.main(["--run", run, *TINY, "--episodes", "10"])
     out = read_results(run)
     skipped = {s["method"]: s["how"] for s in out["skipped"]}
@@ -245,6 +245,6 @@ def test_only_the_distilled_student_gives_its_two_rows_and_the_rest_skipped(tmp_
 
 def test_a_classifier_without_its_bridge_is_skipped_not_a_crash(tmp_path, tiny_pipeline):
     run = copy_run(tiny_pipeline, tmp_path / "run")
-    os.remove(os.path.join(run, evaluation.FILES["bridge-templates"]))
+    os.remove(os.path.join(run, evaluation.FILES["bridge-templates"].name))
     evaluation.main(["--run", run, *TINY, "--episodes", "10"])
     assert "syntrans-templates" in {s["method"] for s in read_results(run)["skipped"]}
