@@ -1,83 +1,39 @@
 """
 Stage 2 of SynTrans: SynMine, training-free synergistic knowledge mining.
 
-Paper component: "a training-free synergistic knowledge mining module (SynMine)
-facilitates collaboration among large multimodal models to extract high-quality
-semantic knowledge" (Tang, He, Qin, IJCAI 2025; ../shared/DESIGN.md, stage 2).
-Language models write what a class looks like; the vision-language teacher (CLIP)
-reads every statement and keeps those its two modalities and the other sources
-agree on. Nothing is trained.
+Paper component: "a training-free synergistic knowledge mining module (SynMine) facilitates
+collaboration among large multimodal models to extract high-quality semantic knowledge" (Tang,
+He, Qin, IJCAI 2025; docs/DESIGN.md, stage 2). Language models write what a class looks like;
+the vision-language teacher (CLIP) reads every statement and keeps those its two modalities and
+the other sources agree on. Nothing is trained.
 
 What it does
-  1. Gathers candidate descriptions for every class of every split from several
-     knowledge sources that collaborate:
-       llm        language models behind an OpenAI-compatible chat-completions API
-                  (--llm URL@MODEL, repeatable), asked for short visual descriptions;
-                  every answer is cached in <run>/cache/llm/, so a rerun sends no
-                  request and an interrupted run resumes where it stopped. A model
-                  that fails (down, timeout, HTTP error, garbage, refusal) is
-                  reported per class and the run goes on with the other sources.
-                  --llm toy[@SEED] asks the toy world's describer instead, a
-                  stand-in LLM that hallucinates a set fraction of its statements
-                  and misreads a fraction of the class names (one attribute
-                  consistently wrong: mining cannot catch that, stage 4 can).
-       files      descriptions files (--descriptions FILE: JSON class -> [strings],
-                  or the 02_descriptions.json of an earlier run);
+  1. Gathers candidate descriptions of every class of every split from knowledge sources:
+       llm        language models behind an OpenAI-compatible chat API (--llm URL@MODEL,
+                  repeatable; answers cached in <run>/cache/llm/, a failing model is reported
+                  and the run goes on), or --llm toy[@SEED]: the toy world's describer;
+       files      descriptions files (--descriptions FILE), e.g. an earlier 02_descriptions.json;
        templates  CLIP prompt templates of the bare class name, always available.
-  2. Mines them with the teacher's text encoder E_T. Every candidate t of class c
-     gets a score (all similarities are cosines of L2-normalised embeddings):
-       agree(t)    = mean of its k best matches among the *other* candidates of c:
-                     a statement another statement (another model, another template)
-                     backs up is likely true; a hallucination stands alone;
-       specific(t) = how well the k best candidates of another class match it,
-                     averaged over the other classes of its pool: a generic
-                     statement ("a small object") matches every class as well as
-                     its own. The pool keeps the splits apart: a base class is
-                     judged against base classes only, so nothing a base vector
-                     (which trains stages 3 and 4) holds depends on a val or novel
-                     class; a val (novel) class against the base classes and the
-                     other val (novel) classes, whose names are known at test time,
-                     as in every semantic few-shot method;
-       image(t)    = base classes only: its match with the teacher's mean image
-                     embedding of c's training images minus its mean match with the
-                     other base classes' images (the vision side of the teacher
-                     votes; novel classes have no images here, by design);
-       score(t)    = agree - specific + image_weight * image.
+  2. Mines them with the teacher's text encoder E_T (cosines of L2-normalised embeddings):
+       agree(t)    = mean of t's k best matches among the other candidates of its class c
+       specific(t) = mean, over the other classes of c's pool (POOLS), of their k best matches
+       image(t)    = base classes only: the match with c's mean image embedding minus the mean
+                     match with the other base classes' images
+       score(t)    = agree - specific + image_weight * image
      Per class the lowest-scoring (1 - keep) fraction is dropped and the rest are
      softmax(score / temperature)-weighted into one L2-normalised vector t_c.
-  3. --compare measures what mining buys: teacher zero-shot N-way accuracy on the
-     val classes (--split val, the default: choose settings with it) or the novel
-     ones (--split test, for the final report only) over fixed episodes, with
-     templates only, with all candidates averaged, and with SynMine, and the
-     fraction of wrong statements removed (where the source knows which are wrong:
-     the toy describer).
+  3. --compare: the teacher's zero-shot accuracy on the val (--split test: novel) classes with
+     templates only, all candidates averaged and SynMine, and the wrong statements removed.
 
-Inputs   class names of all splits (--dataset), the teacher (--clip, --clip-pretrained),
-         the knowledge sources; for the image vote, the base-class training images
-         (their teacher embeddings are cached in <run>/cache/, shared with stage 1).
-Outputs  <run>/02_semantics.pt: state = {"train": [C_train, m], "val": ..., "test": ...},
-         one L2-normalised vector per class (row i = class i of the split), plus
-         config, dataset, class names, teacher identity and the sources used;
-         <run>/02_descriptions.json: per class every candidate, its source, scores,
-         weight, whether it was kept and, where known, whether it is correct; per
-         source its failures. The API key is never written anywhere.
+Inputs   class names of all splits, the teacher (--clip), the sources; base training images.
+Outputs  <run>/02_semantics.pt: state = {"train": [C_train, m], "val": ..., "test": ...}, one
+         vector per class; <run>/02_descriptions.json: every candidate with its source, scores,
+         weight and whether it was kept; per source its failures. The API key is never written.
 
-Our choices (not from the paper, which gives no equations): the scores above;
-k = 2 (one corroborating statement can be a coincidence, two rarely are); keep 50%
-and temperature 0.3, the best mean over training seeds 0-2 of the teacher's zero-shot
-accuracy on the *val* classes among keep {0.5, 0.7, 0.9, 1} x temperature {0.03,
-0.1, 0.3, 1} (`bash experiments/defaults.sh mining`; the figures, in the README's
-"Choices made on val classes", show that the choice matters little on the toy world);
-templates-only runs (--sources templates, the `syntrans-templates` ablation) give
-CLIP's plain prompt ensemble (the mean), since mining eight near-identical
-prompts has nothing to choose between.
-
-  python 02_mine.py --run runs/toy                       # toy world: templates + toy describer
-  python 02_mine.py --run runs/toy --sources templates --out 02_semantics_templates.pt
-  python 02_mine.py --run runs/mini --dataset mini-imagenet --data-root /data/mini-imagenet --clip ViT-B-32 --clip-pretrained openai \\
-      --llm http://localhost:8000/v1@llama-3.1-8b-instruct --llm https://api.openai.com/v1@gpt-4o-mini
+Our choices (not from the paper; reasons in docs/DESIGN.md): the scores above; k = 2; keep 50%
+and temperature 0.3, chosen on val classes; --sources templates (the syntrans-templates
+ablation) gives CLIP's plain prompt ensemble, the mean.
 """
-import argparse
 import hashlib
 import http.client
 import json
@@ -88,18 +44,21 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 
 import common
+import toyworld
 
 
 # ----------------------------------------------------------------------------------
 # The method: SynMine's scores and the weighted class vector (step 2 of the header)
 
 # the classes each split's candidates are judged against by the specificity score:
-# base classes only among themselves, val and novel classes with the base classes
+# base classes only among themselves (nothing a base vector holds, which trains stages 3
+# and 4, depends on a val or novel class), val and novel classes with the base classes
 POOLS = {"train": ("train",), "val": ("train", "val"), "test": ("train", "test")}
 
 
@@ -120,14 +79,16 @@ def score_candidates(embs, images=None, image_weight=1.0, k=2):
     out = []
     for c, e in enumerate(embs):
         n = len(e)
-        sims = torch.einsum("nm,cjm->ncj", e, padded).masked_fill(~valid[None], float("-inf"))  # [n, C, nmax]
+        sims = torch.einsum("nm,cjm->ncj", e, padded)
+        sims = sims.masked_fill(~valid[None], float("-inf"))  # [n, C, nmax]
         # agreement: the k best matches among the other candidates of the same class
+        # (a statement another one backs up is likely true; a hallucination stands alone)
         own = sims[:, c].clone()
         own[torch.arange(n), torch.arange(n)] = float("-inf")
         ka = min(k, n - 1)
         agree = own.topk(ka, -1).values.mean(-1) if ka > 0 else torch.ones(n)
         # specificity: per other class the mean of its k best matches (fewer if it has
-        # fewer candidates), averaged over the other classes
+        # fewer candidates), averaged over the other classes ("a small object" is generic)
         top = sims.topk(kk, -1).values                           # [n, C, kk]
         ok = torch.isfinite(top)
         per_class = top.masked_fill(~ok, 0).sum(-1) / ok.sum(-1).clamp(min=1)  # [n, C]
@@ -164,7 +125,8 @@ def score_in_pools(embs, splits, images=None, image_weight=1.0, k=2):
     scores = [None] * len(embs)
     for split, pool in POOLS.items():
         at = [i for i, s in enumerate(splits) if s in pool]
-        pooled = score_candidates([embs[i] for i in at], None if images is None else images[at], image_weight, k)
+        pooled = score_candidates([embs[i] for i in at], None if images is None else images[at],
+                                  image_weight, k)
         for i, sc in zip(at, pooled):
             if splits[i] == split:
                 scores[i] = sc
@@ -180,11 +142,13 @@ def score_in_pools(embs, splits, images=None, image_weight=1.0, k=2):
 # the plain ones that suit any object class.
 TEMPLATES = [
     "a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a photo of the large {}.",
-    "a photo of the small {}.", "a cropped photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
+    "a photo of the small {}.", "a cropped photo of a {}.", "a blurry photo of a {}.",
+    "a close-up photo of a {}.",
 ]
 # what every language model is asked about every class (--llm-prompt)
-PROMPT = ("List {n} short visual descriptions of a {name}, as it looks in a photo: its colours, shape, "
-          "pattern, texture or parts. One description per line, each under 10 words, no numbering, no other text.")
+PROMPT = ("List {n} short visual descriptions of a {name}, as it looks in a photo: its colours, "
+          "shape, pattern, texture or parts. One description per line, each under 10 words, "
+          "no numbering, no other text.")
 SOURCE_KINDS = ("templates", "llm", "files")
 
 
@@ -196,50 +160,44 @@ def templates_source(names):
 
 def files_source(path, names):
     """A descriptions file (--descriptions). Also returns the classes it lacks."""
-    src = f"file:{os.path.basename(path)}"
     found = load_descriptions_file(path, names)
     return ({n: [(t, None) for t in texts] for n, texts in found.items()},
             {n: "not in the file" for n in names if n not in found},
-            {"name": src, "kind": "file", "path": os.path.abspath(path), "file_id": common.file_id(path)})
+            {"name": f"file:{os.path.basename(path)}", "kind": "file",
+             "path": os.path.abspath(path), "file_id": common.file_id(path)})
 
 
 def llm_source(specs, names, args, key):
-    """Language models (--llm): the toy describer, and real ones asked through the client at the
-    bottom of this file (answers cached). Returns ({source: table}, {source: {class name:
-    reason}} for the classes a model failed on, [source descriptions in the order of --llm])."""
+    """Language models (--llm): the toy describer (toyworld.py), and real ones asked through
+    the client at the bottom of this file (answers cached). Returns ({source: table},
+    {source: {class name: reason}} for the classes a model failed on, [source descriptions
+    in the order of --llm])."""
     tables, failures, sources, remote = {}, {}, [], []
     for spec in specs:
-        if spec == "toy" or spec.startswith("toy@"):
-            import toyworld  # the stand-in LLM of the offline toy world
-            if spec != "toy" and not spec[4:].isdigit():
-                raise common.UserError(f"--llm {spec}: the toy describer takes a seed, e.g. toy@1")
-            seed = int(spec[4:]) if spec != "toy" else args.seed
-            src = f"toy@{seed}"
-            if src in tables:
-                continue
+        if spec == "toy" or spec.startswith("toy@"):  # the stand-in LLM of the toy world
             try:
-                tables[src] = {n: toyworld.describe(n, seed, n=args.toy_n, wrong_rate=args.toy_wrong_rate,
-                                                    misread_rate=args.toy_misread_rate)
-                               for n in names}
+                table, source = toyworld.describer_source(spec, names, args)
             except ValueError as e:
-                raise common.UserError(f"--llm {spec}: the toy describer only knows toy-world classes ({e})")
-            sources.append({"name": src, "kind": "toy-describer", "seed": seed, "wrong_rate": args.toy_wrong_rate,
-                            "misread_rate": args.toy_misread_rate, "n": args.toy_n})
-        else:
-            base, url, model = parse_llm_spec(spec)
-            src = f"llm:{model}@{redact(base)}"
-            if any(src == r[0] for r in remote):
-                continue
-            remote.append((src, url, model))
-            sources.append({"name": src, "kind": "llm", "endpoint": redact(url), "model": model,
-                            "prompt": args.llm_prompt})
+                raise common.UserError(str(e)) from None
+            if source["name"] not in tables:
+                tables[source["name"]] = table
+                sources.append(source)
+            continue
+        base, url, model = parse_llm_spec(spec)
+        src = f"llm:{model}@{redact(base)}"
+        if any(src == r[0] for r in remote):
+            continue
+        remote.append((src, url, model))
+        sources.append({"name": src, "kind": "llm", "endpoint": redact(url), "model": model,
+                        "prompt": args.llm_prompt})
     if remote:
         try:
             args.llm_prompt.format(name="x", n=1)
         except (KeyError, IndexError, ValueError):
             raise common.UserError("--llm-prompt may hold only the placeholders {name} and {n}")
+        env = "$" + args.llm_key_env
         print(f"asking {len(remote)} language model(s) about {len(names)} classes; key: "
-              f"{'$' + args.llm_key_env if key else 'none ($' + args.llm_key_env + ' is unset)'}")
+              f"{env if key else 'none (' + env + ' is unset)'}")
         answers, failed = ask_llms(remote, names, args, key)
         for src, _, _ in remote:
             tables[src] = {n: [(t, None) for t in texts] for n, texts in answers[src].items()}
@@ -248,22 +206,25 @@ def llm_source(specs, names, args, key):
 
 
 def gather(args, classes, key):
-    """Candidates per class: {(split, class index): [{"text", "source", "correct"?}]},
-    the sources used, their failures ({source: {class name: reason}}) and the kinds asked for."""
+    """Candidates per class: {(split, class index): [{"text", "source", "correct"?}]}, the
+    sources used, their failures ({source: {class name: reason}}) and the kinds asked for."""
     kinds = list(dict.fromkeys(k.strip() for k in args.sources.split(",") if k.strip()))
     bad = [k for k in kinds if k not in SOURCE_KINDS]
     if bad:
-        raise common.UserError(f"--sources: unknown kind '{bad[0]}'; choose from {', '.join(SOURCE_KINDS)}")
+        raise common.UserError(f"--sources: unknown kind '{bad[0]}'; choose from "
+                               f"{', '.join(SOURCE_KINDS)}")
     toy_world = args.dataset in common.TOY_TEACHERS.values()
     llm_specs = args.llm if args.llm is not None else (["toy"] if toy_world else [])
     use_llm = "llm" in kinds and llm_specs
     use_files = "files" in kinds and args.descriptions
     if not ("templates" in kinds or use_llm or use_files):
-        raise common.UserError(f"no knowledge source: --sources '{args.sources}' selects none that was given "
-                               f"(llm needs --llm URL@MODEL, files needs --descriptions FILE, templates need nothing)")
+        raise common.UserError(f"no knowledge source: --sources '{args.sources}' selects none "
+                               f"that was given (llm needs --llm URL@MODEL, files needs "
+                               f"--descriptions FILE, templates need nothing)")
     if kinds != ["templates"] and not (use_llm or use_files):
-        raise common.UserError("only the prompt templates are available: give --llm URL@MODEL or --descriptions FILE "
-                               "for SynMine, or --sources templates for the templates-only ablation")
+        raise common.UserError("only the prompt templates are available: give --llm URL@MODEL "
+                               "or --descriptions FILE for SynMine, or --sources templates for "
+                               "the templates-only ablation")
     all_classes = [(s, i, n) for s in common.SPLITS for i, n in enumerate(classes[s])]
     names = list(dict.fromkeys(n for _, _, n in all_classes))
     if not names:
@@ -288,12 +249,10 @@ def gather(args, classes, key):
     # Report every source that lacks classes, loudly, and go on with the others.
     for src, failed in failures.items():
         if failed:
-            reasons = {}
-            for r in failed.values():
-                reasons[r.split(" (after")[0]] = reasons.get(r.split(" (after")[0], 0) + 1
-            summary = "; ".join(f"{r}: {c}" for r, c in sorted(reasons.items(), key=lambda x: -x[1])[:3])
-            print(f"WARNING: {src} gave nothing for {len(failed)} of {len(names)} classes ({summary}); "
-                  f"those classes use the other sources")
+            reasons = Counter(r.split(" (after")[0] for r in failed.values())
+            summary = "; ".join(f"{r}: {c}" for r, c in reasons.most_common(3))
+            print(f"WARNING: {src} gave nothing for {len(failed)} of {len(names)} classes "
+                  f"({summary}); those classes use the other sources")
 
     # One candidate list per class; a source's repeated statements count once.
     candidates, missing = {}, []
@@ -304,80 +263,84 @@ def gather(args, classes, key):
             for text, correct in table.get(name, []):
                 if text.lower() not in seen:
                     seen.add(text.lower())
-                    cands.append({"text": text, "source": src, **({} if correct is None else {"correct": bool(correct)})})
+                    cands.append({"text": text, "source": src,
+                                  **({} if correct is None else {"correct": bool(correct)})})
         candidates[(split, i)] = cands
         if not cands:
             missing.append(name)
     if missing:
-        raise common.UserError(f"no candidate description for {len(missing)} classes (e.g. '{missing[0]}'): "
-                               f"add them to the descriptions file or use more sources (e.g. --sources templates,files)")
+        raise common.UserError(f"no candidate description for {len(missing)} classes (e.g. "
+                               f"'{missing[0]}'): add them to the descriptions file or use more "
+                               f"sources (e.g. --sources templates,files)")
     return candidates, sources, failures, kinds
 
 
 # ----------------------------------------------------------------------------------
-# The run: gather, encode, mine, (measure), write
+# The run: flags, then main() (gather, encode, mine, measure, write)
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(p)
-    p.add_argument("--sources", default="templates,llm,files",
-                   help="comma list of the source kinds to use, of: templates, llm, files "
-                        "('templates' alone makes the syntrans-templates ablation)")
-    p.add_argument("--llm", action="append", default=None, metavar="URL@MODEL",
-                   help="a chat-completions endpoint and model, e.g. http://localhost:8000/v1@qwen2.5-7b-instruct; "
-                        "repeatable; 'toy' or 'toy@SEED' is the toy world's describer "
-                        "(default: toy for the toy worlds, none otherwise)")
-    p.add_argument("--llm-key-env", default="OPENAI_API_KEY",
-                   help="environment variable holding the API key (sent as a Bearer token; never written)")
-    p.add_argument("--llm-prompt", default=PROMPT, help="the question, with {name} and {n} placeholders")
-    p.add_argument("--llm-n", type=int, default=10, help="descriptions asked per class; at most twice this many are used")
-    p.add_argument("--llm-timeout", type=float, default=60.0, help="seconds to wait for one whole answer")
-    p.add_argument("--llm-retries", type=int, default=2, help="retries of a failed request (timeouts, HTTP 5xx/429, garbage)")
-    p.add_argument("--llm-backoff", type=float, default=2.0, help="seconds before the first retry, doubling after each")
-    p.add_argument("--llm-give-up", type=int, default=5,
-                   help="after this many consecutive failed classes a model's remaining classes are skipped (0: never)")
-    p.add_argument("--llm-workers", type=int, default=4, help="requests in flight at once")
-    p.add_argument("--toy-wrong-rate", type=float, default=0.3, help="toy describer: fraction of wrong statements")
-    p.add_argument("--toy-misread-rate", type=float, default=0.2,
-                   help="toy describer: fraction of classes whose name it misreads (one attribute consistently wrong)")
-    p.add_argument("--toy-n", type=int, default=12, help="toy describer: statements per class")
-    p.add_argument("--descriptions", action="append", default=[], metavar="FILE",
-                   help="JSON file: class name -> list of descriptions (or an earlier 02_descriptions.json); repeatable")
-    p.add_argument("--keep", type=float, default=0.5, help="fraction of each class's candidates kept")
-    p.add_argument("--temperature", type=float, default=0.3, help="softmax temperature of the kept candidates' weights")
-    p.add_argument("--support-k", type=int, default=2, help="k best matches used by the agreement and specificity scores")
-    p.add_argument("--image-weight", type=float, default=1.0,
-                   help="weight of the base-class image vote (0: skip, and do not load the base images)")
-    p.add_argument("--compare", action="store_true",
-                   help="also measure teacher zero-shot accuracy on --split's classes: templates / all averaged / SynMine")
-    p.add_argument("--split", default="val", choices=["val", "test"],
-                   help="--compare: the classes measured (val chooses settings; test is the final report only)")
-    p.add_argument("--episodes", type=int, default=600, help="--compare: fixed episodes")
-    p.add_argument("--ways", type=int, default=5, help="--compare: classes per episode")
-    p.add_argument("--queries", type=int, default=15, help="--compare: queries per class")
-    p.add_argument("--out", default=common.SEMANTICS,
-                   help="checkpoint name in the run folder; the JSON is named after it "
-                        "(02_semantics.pt -> 02_descriptions.json, 02_semantics_templates.pt -> 02_descriptions_templates.json)")
-    return p.parse_args(argv)
-
-
-# the valid values of the numeric flags, checked before any work (common.check_flags)
-RANGES = {"llm_n": "[1, inf)", "llm_timeout": "(0, inf)", "llm_retries": "[0, inf)", "llm_backoff": "[0, inf)",
-          "llm_give_up": "[0, inf)", "llm_workers": "[1, inf)", "toy_wrong_rate": "[0, 1]", "toy_misread_rate": "[0, 1]",
-          "toy_n": "[1, inf)", "keep": "(0, 1]", "temperature": "(0, inf)", "support_k": "[1, inf)",
-          "image_weight": "[0, inf)", "episodes": "[1, inf)"}
+def get_args():
+    p = common.parser(__doc__)
+    flag = common.flag
+    flag(p, "--sources", default="templates,llm,files",
+         help="comma list of the source kinds to use, of: templates, llm, files "
+              "('templates' alone makes the syntrans-templates ablation)")
+    flag(p, "--llm", action="append", default=None, metavar="URL@MODEL",
+         help="a chat-completions endpoint and model, e.g. "
+              "http://localhost:8000/v1@qwen2.5-7b-instruct; repeatable; 'toy' or 'toy@SEED' is "
+              "the toy world's describer (default: toy for the toy worlds, none otherwise)")
+    flag(p, "--llm-key-env", default="OPENAI_API_KEY",
+         help="environment variable holding the API key (sent as a Bearer token; never written)")
+    flag(p, "--llm-prompt", default=PROMPT, help="the question, with {name} and {n} placeholders")
+    flag(p, "--llm-n", type=int, default=10, within="[1, inf)",
+         help="descriptions asked per class; at most twice this many are used")
+    flag(p, "--llm-timeout", type=float, default=60.0, within="(0, inf)",
+         help="seconds to wait for one whole answer")
+    flag(p, "--llm-retries", type=int, default=2, within="[0, inf)",
+         help="retries of a failed request (timeouts, HTTP 5xx/429, garbage)")
+    flag(p, "--llm-backoff", type=float, default=2.0, within="[0, inf)",
+         help="seconds before the first retry, doubling after each")
+    flag(p, "--llm-give-up", type=int, default=5, within="[0, inf)",
+         help="after this many consecutive failed classes a model's remaining classes are "
+              "skipped (0: never)")
+    flag(p, "--llm-workers", type=int, default=4, within="[1, inf)",
+         help="requests in flight at once")
+    for name, kw in toyworld.DESCRIBER_FLAGS.items():  # --toy-*: the toy describer's own
+        flag(p, name, **kw)
+    flag(p, "--descriptions", action="append", default=[], metavar="FILE",
+         help="JSON file: class name -> list of descriptions (or an earlier "
+              "02_descriptions.json); repeatable")
+    flag(p, "--keep", type=float, default=0.5, within="(0, 1]",
+         help="fraction of each class's candidates kept")
+    flag(p, "--temperature", type=float, default=0.3, within="(0, inf)",
+         help="softmax temperature of the kept candidates' weights")
+    flag(p, "--support-k", type=int, default=2, within="[1, inf)",
+         help="k best matches used by the agreement and specificity scores")
+    flag(p, "--image-weight", type=float, default=1.0, within="[0, inf)",
+         help="weight of the base-class image vote (0: skip, and do not load the base images)")
+    flag(p, "--compare", action="store_true",
+         help="also measure teacher zero-shot accuracy on --split's classes: templates / all "
+              "averaged / SynMine")
+    flag(p, "--split", default="val", choices=["val", "test"],
+         help="--compare: the classes measured (val chooses settings; test is the final report "
+              "only)")
+    flag(p, "--episodes", type=int, default=600, within="[1, inf)",
+         help="--compare: fixed episodes")
+    flag(p, "--ways", type=int, default=5, help="--compare: classes per episode")
+    flag(p, "--queries", type=int, default=15, help="--compare: queries per class")
+    flag(p, "--out", default=common.SEMANTICS,
+         help="checkpoint name in the run folder; the JSON is named after it (02_semantics.pt "
+              "-> 02_descriptions.json, 02_semantics_templates.pt -> "
+              "02_descriptions_templates.json)")
+    return p
 
 
 def main(argv=None):
-    args = get_args(argv)
+    args, device = common.start(get_args(), argv, "mine")
     t0 = time.time()
     out_path = os.path.join(args.run, args.out)
-    common.check_flags(args, RANGES, out_path, "mine")
-    device = common.get_device(args.device)
-    common.set_seed(args.seed)
     stem = os.path.splitext(args.out)[0]
-    json_path = os.path.join(args.run, (stem.replace("semantics", "descriptions") if "semantics" in stem
-                                        else stem + "_descriptions") + ".json")
+    json_path = os.path.join(args.run, stem.replace("semantics", "descriptions") + ".json"
+                             if "semantics" in stem else stem + "_descriptions.json")
     key = os.environ.get(args.llm_key_env) or None  # read here, sent in a header, never stored
 
     common.check_teacher(args)  # a wrong or forgotten teacher is refused before any work
@@ -386,34 +349,42 @@ def main(argv=None):
     measured = None
     if args.compare:  # the zero-shot episodes, refused before anything is asked or encoded
         measured = common.load_split(args.dataset, args.split, args.data_root, args.image_size)
-        common.check_episodes(measured, args.ways, 0, args.queries, "--ways or --queries", min_shot=0)
-    print(f"{args.dataset}: {', '.join(f'{len(classes[s])} {s}' for s in common.SPLITS)} classes; device {device}")
+        common.check_episodes(measured, args.ways, 0, args.queries, "--ways or --queries",
+                              min_shot=0)
+    print(f"{args.dataset}: {', '.join(f'{len(classes[s])} {s}' for s in common.SPLITS)} "
+          f"classes; device {device}")
 
     # ---- 1. candidates from every source
     candidates, sources, failures, kinds = gather(args, classes, key)
     order = [(s, i) for s in common.SPLITS for i in range(len(classes[s]))]
     n_cands = sum(len(candidates[c]) for c in order)
-    per = {x["name"]: sum(c["source"] == x["name"] for k in order for c in candidates[k]) for x in sources}
+    per = {x["name"]: sum(c["source"] == x["name"] for k in order for c in candidates[k])
+           for x in sources}
     print(f"{n_cands} candidates: {', '.join(f'{n} from {src}' for src, n in per.items())}")
 
     # ---- 2. encode with the teacher's text encoder; the image vote of the base classes
-    teacher, preprocess, tokenizer, teacher_id = common.load_teacher(args.clip, args.clip_pretrained, device)
+    teacher, preprocess, tokenizer, teacher_id = common.load_teacher(args.clip,
+                                                                     args.clip_pretrained, device)
     texts = list(dict.fromkeys(c["text"] for k in order for c in candidates[k]))
     if args.compare:
-        texts = list(dict.fromkeys(texts + [t.format(n) for n in classes[args.split] for t in TEMPLATES]))
+        texts = list(dict.fromkeys(texts + [t.format(n) for n in classes[args.split]
+                                            for t in TEMPLATES]))
     table = dict(zip(texts, encode_texts(teacher, tokenizer, texts, device)))
     embs = [torch.stack([table[c["text"]] for c in candidates[k]]) for k in order]
     templates_only = kinds == ["templates"]
     images = None
     if args.image_weight > 0 and classes["train"] and not templates_only:
-        train = common.load_split(args.dataset, "train", args.data_root, args.image_size)  # base images serve the image vote
-        feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, train, device)
+        # the base images serve the image vote (their teacher embeddings are cached)
+        train = common.load_split(args.dataset, "train", args.data_root, args.image_size)
+        feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, train,
+                                              device)
         images = torch.full((len(order), feats.shape[1]), float("nan"))
         for i in range(len(classes["train"])):  # base classes come first in `order`
             images[i] = F.normalize(feats[train.labels == i].mean(0), dim=0)
 
     # ---- 3. score, keep, weight: one vector per class; each split scored within its pool
-    scores = score_in_pools(embs, [s for s, _ in order], images, args.image_weight, args.support_k)
+    scores = score_in_pools(embs, [s for s, _ in order], images, args.image_weight,
+                            args.support_k)
     vectors = {s: [] for s in common.SPLITS}
     for k, e, sc in zip(order, embs, scores):
         if templates_only:  # the ablation: CLIP's prompt ensemble, no mining
@@ -421,33 +392,36 @@ def main(argv=None):
         else:
             v, w = mine_vector(e, sc["score"], args.keep, args.temperature)
         vectors[k[0]].append(v)
-        for j, c in enumerate(candidates[k]):
-            c.update(score=round(sc["score"][j].item(), 4), agree=round(sc["agree"][j].item(), 4),
-                     specific=round(sc["specific"][j].item(), 4), image=round(sc["image"][j].item(), 4),
-                     weight=round(w[j].item(), 4), kept=bool(w[j] > 0))
-    state = {s: torch.stack(vectors[s]) if vectors[s] else torch.zeros(0, embs[0].shape[1]) for s in common.SPLITS}
+        record = {s: sc[s] for s in ("score", "agree", "specific", "image")} | {"weight": w}
+        for j, c in enumerate(candidates[k]):  # what the JSON holds of each candidate
+            c.update({s: round(x[j].item(), 4) for s, x in record.items()}, kept=bool(w[j] > 0))
+    state = {s: torch.stack(vectors[s]) if vectors[s] else torch.zeros(0, embs[0].shape[1])
+             for s in common.SPLITS}
     wrong = print_kept([candidates[k] for k in order], sources, templates_only)
 
     # ---- 4. optionally, measure: teacher zero-shot on the val (or novel) classes
     report = None
     if args.compare:
-        feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, measured, device)
+        feats = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, measured,
+                                              device)
         keys = [k for k in order if k[0] == args.split]
-        report = compare(args, feats, measured.labels, classes[args.split], table, [candidates[k] for k in keys],
-                         [embs[order.index(k)] for k in keys], state[args.split], sources, templates_only)
+        report = compare(args, feats, measured.labels, classes[args.split], table,
+                         [candidates[k] for k in keys], state[args.split], sources, templates_only)
         report.update(wrong_removed_all=wrong[0], wrong_all=wrong[1], correct_kept_all=wrong[2])
 
     # ---- 5. write the vectors and the readable JSON (neither holds the key)
     config = vars(args) | {"llm": [redact_spec(s) for s in (args.llm or [])], "out": args.out}
     upstream = {x["name"]: x["file_id"] for x in sources if x["kind"] == "file"}
-    failed_counts = {src: len(f) for src, f in failures.items()}
-    doc = {"dataset": args.dataset, "teacher": teacher_id, "checkpoint": args.out, "config": config,
-           "sources": sources, "failures": failures, "compare": report,
-           "splits": {s: {n: {"kept": sum(c["kept"] for c in candidates[(s, i)]), "candidates": candidates[(s, i)]}
+    doc = {"dataset": args.dataset, "teacher": teacher_id, "checkpoint": args.out,
+           "config": config, "sources": sources, "failures": failures, "compare": report,
+           "splits": {s: {n: {"kept": sum(c["kept"] for c in candidates[(s, i)]),
+                              "candidates": candidates[(s, i)]}
                           for i, n in enumerate(classes[s])} for s in common.SPLITS}}
-    common.save_checkpoint(out_path, "mine", config, args.dataset, classes, state, upstream=upstream,
-                           teacher=teacher_id, sources=[x["name"] for x in sources], failures=failed_counts,
-                           together={json_path: json.dumps(doc, ensure_ascii=False, indent=1)})  # one step
+    common.save_checkpoint(out_path, "mine", config, args.dataset, classes, state,
+                           upstream=upstream, teacher=teacher_id,
+                           sources=[x["name"] for x in sources],
+                           failures={src: len(f) for src, f in failures.items()},
+                           together={json_path: json.dumps(doc, ensure_ascii=False, indent=1)})
     print(f"wrote {out_path} ({', '.join(f'{s} {tuple(state[s].shape)}' for s in common.SPLITS)}) "
           f"and {json_path} ({time.time() - t0:.0f}s)")
 
@@ -458,33 +432,35 @@ def main(argv=None):
 def print_kept(entries, sources, templates_only):
     """Print how many candidates mining kept, per source, and how many of the wrong ones it
     removed; returns wrong_removed(entries)."""
-    n_cands, kept = sum(len(cands) for cands in entries), sum(c["kept"] for cands in entries for c in cands)
-    print(f"mining kept {kept} of {n_cands} candidates" + (" (templates only: plain prompt ensemble)" if templates_only else ""))
+    flat = [c for cands in entries for c in cands]
+    print(f"mining kept {sum(c['kept'] for c in flat)} of {len(flat)} candidates"
+          + (" (templates only: plain prompt ensemble)" if templates_only else ""))
     for src in [x["name"] for x in sources]:
-        mine_src = [c for cands in entries for c in cands if c["source"] == src]
+        mine_src = [c for c in flat if c["source"] == src]
         if mine_src:
             print(f"  {src}: kept {sum(c['kept'] for c in mine_src)} of {len(mine_src)}")
     removed, n_wrong, right_kept = wrong_removed(entries)
     if removed is not None:
-        print(f"  wrong statements removed: {removed:.0%} of {n_wrong}; correct ones kept: {right_kept:.0%}")
+        print(f"  wrong statements removed: {removed:.0%} of {n_wrong}; "
+              f"correct ones kept: {right_kept:.0%}")
     return removed, n_wrong, right_kept
 
 
-def compare(args, feats, labels, names, table, entries, embs, mined, sources, templates_only):
+def compare(args, feats, labels, names, table, entries, mined, sources, templates_only):
     """--compare: the teacher's zero-shot accuracy on one split's classes (args.split) with
     templates only, all candidates averaged, SynMine and each source alone, and the weight
     shares; printed, and returned as the report for the JSON. feats [N, m] and labels [N]:
     the split's teacher image embeddings; names: its class names; table: text -> embedding;
-    entries and embs: each class's candidates and their embeddings; mined: SynMine's [C, m]."""
-    rows = {"templates only": torch.stack([mean_vector(torch.stack([table[t.format(n)] for t in TEMPLATES]))
-                                           for n in names]),
-            "all candidates averaged": torch.stack([mean_vector(e) for e in embs]),
+    entries: each class's candidates; mined: SynMine's [C, m]."""
+    def averaged(texts):  # one class vector per class: the mean of its texts' embeddings
+        return torch.stack([mean_vector(torch.stack([table[t] for t in ts])) for ts in texts])
+    rows = {"templates only": averaged([[t.format(n) for t in TEMPLATES] for n in names]),
+            "all candidates averaged": averaged([[c["text"] for c in cands] for cands in entries]),
             "SynMine" + (" (= templates)" if templates_only else ""): mined}
     for x in sources:  # each source alone, averaged: who contributes what
-        if x["name"] != "templates":
-            per = [[table[c["text"]] for c in cands if c["source"] == x["name"]] for cands in entries]
-            if all(per):
-                rows[f"{x['name']} only, averaged"] = torch.stack([mean_vector(torch.stack(p)) for p in per])
+        per = [[c["text"] for c in cands if c["source"] == x["name"]] for cands in entries]
+        if x["name"] != "templates" and all(per):
+            rows[f"{x['name']} only, averaged"] = averaged(per)
     accs = zero_shot(feats, labels, rows, args.ways, args.queries, args.episodes, args.seed)
     removed, n_wrong, right_kept = wrong_removed(entries)
     print(f"teacher zero-shot, {args.ways}-way, {len(names)} {args.split} classes, "
@@ -497,8 +473,10 @@ def compare(args, feats, labels, names, table, entries, embs, mined, sources, te
     shares = weight_shares(entries)
     for name, (n_share, w_share) in shares.items():
         print(f"  {name:40s} {n_share:6.1%} of the candidates, {w_share:6.1%} of the weight")
-    return {"split": args.split, "shares": {n: {"candidates": a, "weight": b} for n, (a, b) in shares.items()},
-            "ways": args.ways, "queries": args.queries, "episodes": args.episodes, "seed": args.seed,
+    return {"split": args.split,
+            "shares": {n: {"candidates": a, "weight": b} for n, (a, b) in shares.items()},
+            "ways": args.ways, "queries": args.queries, "episodes": args.episodes,
+            "seed": args.seed,
             "accuracy": {name: {"mean": mean, "ci95": ci} for name, (mean, ci) in accs.items()},
             "wrong_removed": removed, "wrong": n_wrong, "correct_kept": right_kept}
 
@@ -537,9 +515,8 @@ def weight_shares(entries):
 
 # ----------------------------------------------------------------------------------
 # Plumbing: the teacher's text encoder, the descriptions-file reader, and a client for
-# language models behind an OpenAI-compatible chat-completions API (with retries, a
-# cache of answers and the key kept out of every file). Only this stage talks to
-# language models, so the client lives here rather than in common.py.
+# language models behind an OpenAI-compatible chat-completions API (retries, a cache of
+# answers, the key kept out of every file). Only this stage talks to language models.
 
 TEXT_CHARS = 1000  # far more than 77 tokens of any text
 
@@ -552,37 +529,43 @@ def encode_texts(model, tokenizer, texts, device, batch=256):
     from tqdm import tqdm
     texts = [t[:TEXT_CHARS] for t in texts]
     out = [model.encode_text(tokenizer(texts[i:i + batch]).to(device)).float()
-           for i in tqdm(range(0, len(texts), batch), desc="encoding candidates", disable=len(texts) <= batch)]
+           for i in tqdm(range(0, len(texts), batch), desc="encoding candidates",
+                         disable=len(texts) <= batch)]
     return F.normalize(torch.cat(out), dim=-1).cpu()
 
 
 def load_descriptions_file(path, names):
     """{class name: [texts]} from a JSON file: either class -> list of strings, or the
     02_descriptions.json of an earlier run (its kept non-template candidates)."""
+    where = f"--descriptions {path}"
     if not os.path.isfile(path):
-        raise common.UserError(f"--descriptions {path} not found" + (" (it is a folder)" * os.path.isdir(path)))
+        raise common.UserError(f"{where} not found" + (" (it is a folder)" * os.path.isdir(path)))
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise common.UserError(f"--descriptions {path} is not valid JSON ({e})")
-    if isinstance(data, dict) and isinstance(data.get("splits"), dict):  # an earlier run's 02_descriptions.json
+        raise common.UserError(f"{where} is not valid JSON ({e})")
+    if isinstance(data, dict) and isinstance(data.get("splits"), dict):  # a 02_descriptions.json
         try:
-            data = {name: [c["text"] for c in entry.get("candidates", []) if c.get("kept") and c.get("source") != "templates"]
+            data = {name: [c["text"] for c in entry.get("candidates", [])
+                           if c.get("kept") and c.get("source") != "templates"]
                     for split in data["splits"].values() for name, entry in split.items()}
         except (AttributeError, KeyError, TypeError):
-            raise common.UserError(f"--descriptions {path} looks like a 02_descriptions.json but is damaged "
-                                   f"(splits -> class -> candidates -> text): rerun the stage that wrote it")
-    if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
+            raise common.UserError(f"{where} looks like a 02_descriptions.json but is damaged "
+                                   f"(splits -> class -> candidates -> text): rerun the stage "
+                                   f"that wrote it")
+    if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(s, str)
+                                                                         for s in v)
                                              for v in data.values()):
-        raise common.UserError(f"--descriptions {path} must map class names to lists of strings")
+        raise common.UserError(f"{where} must map class names to lists of strings")
     found = {n: [s.strip() for s in data[n] if s.strip()] for n in names if n in data}
     if not found:
-        raise common.UserError(f"--descriptions {path} names none of the {len(names)} classes of this dataset "
+        raise common.UserError(f"{where} names none of the {len(names)} classes of this dataset "
                                f"(e.g. '{names[0]}'): is it the file of another dataset?")
     unknown = [n for n in data if n not in set(names)]
     if unknown:
-        print(f"  {path}: ignored {len(unknown)} names that are no class of this dataset (e.g. '{unknown[0]}')")
+        print(f"  {path}: ignored {len(unknown)} names that are no class of this dataset "
+              f"(e.g. '{unknown[0]}')")
     return found
 
 
@@ -600,19 +583,21 @@ def parse_llm_spec(spec):
     the last '@'; the endpoint is URL/chat/completions unless URL already ends so."""
     url, sep, model = spec.rpartition("@")
     if not sep or not url or not model or not url.startswith(("http://", "https://")):
-        raise common.UserError(f"--llm '{redact_spec(spec)}' is not URL@MODEL (e.g. http://localhost:8000/v1@qwen2.5-7b-instruct) "
-                               f"nor toy / toy@SEED")
+        raise common.UserError(f"--llm '{redact_spec(spec)}' is not URL@MODEL (e.g. "
+                               f"http://localhost:8000/v1@qwen2.5-7b-instruct) nor toy / toy@SEED")
     parts = urllib.parse.urlsplit(url)  # a query string (?api_key=...) stays after the path
     path = parts.path.rstrip("/")
     chat_path = path if path.endswith("/chat/completions") else path + "/chat/completions"
-    return urllib.parse.urlunsplit(parts._replace(path=path)), urllib.parse.urlunsplit(parts._replace(path=chat_path)), model
+    return (urllib.parse.urlunsplit(parts._replace(path=path)),
+            urllib.parse.urlunsplit(parts._replace(path=chat_path)), model)
 
 
 def redact(url):
     """A URL without user:password@ and without its query string (either may hold a key),
     for what is printed or written."""
     parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None and not parts.query and not parts.fragment:
+    if (parts.username is None and parts.password is None and not parts.query
+            and not parts.fragment):
         return url
     netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
@@ -625,10 +610,11 @@ def redact_spec(spec):
 
 
 def secrets(url, key):
-    """What never reaches a file or the terminal: the API key, and a URL's password and query values."""
+    """What never reaches a file or the terminal: the API key, and a URL's password and query
+    values (8 characters or more: not every short value is a secret)."""
     parts = urllib.parse.urlsplit(url)
     found = [parts.password] + [v for _, v in urllib.parse.parse_qsl(parts.query)]
-    return [key] * bool(key) + [v for v in found if v and len(v) >= 8]  # 8: not every short value is a secret
+    return [key] * bool(key) + [v for v in found if v and len(v) >= 8]
 
 
 def drop_secret_lines(text, hidden):
@@ -669,11 +655,11 @@ def chat(url, model, prompt, key=None, timeout=60.0):
         data = json.loads(raw)
         choice = data["choices"][0]
         message = choice["message"]
+        if not isinstance(message, dict):
+            raise TypeError
     except ValueError:
         raise LLMError("the answer is not JSON", retry=True)
     except (KeyError, IndexError, TypeError):
-        raise LLMError("the answer is not a chat completion (no choices[0].message)", retry=True)
-    if not isinstance(message, dict):
         raise LLMError("the answer is not a chat completion (no choices[0].message)", retry=True)
     if message.get("refusal") or choice.get("finish_reason") == "content_filter":
         raise LLMError("refused")
@@ -692,12 +678,14 @@ def ask(url, model, prompt, key=None, timeout=60.0, retries=2, backoff=2.0):
             return chat(url, model, prompt, key, timeout)
         except LLMError as e:
             if not e.retry or attempt == retries:
-                raise LLMError(f"{e} (after {attempt + 1} tr{'y' if attempt == 0 else 'ies'})") from None
+                tries = "try" if attempt == 0 else "tries"
+                raise LLMError(f"{e} (after {attempt + 1} {tries})") from None
             time.sleep(backoff * 2 ** attempt)
 
 
 _BULLET = re.compile(r"^(?:[-*+\u2022\u00b7\u2013>#]+|\(?\d{1,3}[.):]|\(?[a-zA-Z][.)])\s+")
-_REFUSAL = re.compile(r"^(?:i'?m sorry|i am sorry|sorry,|i can(?:no|')t|i am unable|i'm unable|as an ai)", re.I)
+_REFUSAL = re.compile(r"^(?:i'?m sorry|i am sorry|sorry,|i can(?:no|')t|i am unable|i'm unable"
+                      r"|as an ai)", re.I)
 _PREAMBLE = re.compile(r"^(?:here (?:are|is)|sure[,!.]|certainly[,!.]|of course[,!.])", re.I)
 
 
@@ -708,7 +696,8 @@ def parse_descriptions(text, max_n=20):
     text = text.strip()
     try:
         items = json.loads(re.sub(r"^```\w*\s*|\s*```$", "", text))
-        lines = [s for s in items if isinstance(s, str)] if isinstance(items, list) else text.splitlines()
+        lines = ([s for s in items if isinstance(s, str)] if isinstance(items, list)
+                 else text.splitlines())
     except ValueError:
         lines = text.splitlines()
     out, seen = [], set()
@@ -729,8 +718,8 @@ def parse_descriptions(text, max_n=20):
 
 def llm_cache_path(run, url, model, prompt, name):
     """One file per (endpoint, model, prompt, class): a new prompt or model asks again."""
-    key = json.dumps([redact(url), model, prompt, name])
-    return os.path.join(run, "cache", "llm", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    h = hashlib.sha256(json.dumps([redact(url), model, prompt, name]).encode()).hexdigest()[:24]
+    return os.path.join(run, "cache", "llm", h + ".json")
 
 
 def ask_llms(llms, names, args, key):
@@ -748,14 +737,17 @@ def ask_llms(llms, names, args, key):
         if os.path.exists(path):
             try:
                 with open(path, encoding="utf-8") as f:
-                    return src, name, parse_descriptions(json.load(f)["content"], 2 * args.llm_n), None, True
+                    content = json.load(f)["content"]
+                return src, name, parse_descriptions(content, 2 * args.llm_n), None, True
             except (ValueError, KeyError, OSError):
                 pass  # a broken cache file is simply asked again
         if args.llm_give_up and streak[src] >= args.llm_give_up:
-            return src, name, None, f"skipped: the model failed {args.llm_give_up} classes in a row", False
+            why = f"skipped: the model failed {args.llm_give_up} classes in a row"
+            return src, name, None, why, False
         try:
-            content = drop_secret_lines(ask(url, model, prompt, key, args.llm_timeout, args.llm_retries,
-                                            args.llm_backoff), secrets(url, key))
+            content = ask(url, model, prompt, key, args.llm_timeout, args.llm_retries,
+                          args.llm_backoff)
+            content = drop_secret_lines(content, secrets(url, key))
             texts = parse_descriptions(content, 2 * args.llm_n)
             if not texts:
                 raise LLMError("no usable description in the answer (refused or off-topic?)")
@@ -766,15 +758,17 @@ def ask_llms(llms, names, args, key):
         with lock:
             streak[src] = 0
         # only usable answers are cached: a failed class is asked again by the next run
-        common.atomic_write_text(json.dumps({"endpoint": redact(url), "model": model, "prompt": prompt, "class": name,
-                                             "content": content}, ensure_ascii=False, indent=1), path)
+        common.atomic_write_text(json.dumps({"endpoint": redact(url), "model": model,
+                                             "prompt": prompt, "class": name, "content": content},
+                                            ensure_ascii=False, indent=1), path)
         return src, name, texts, None, False
 
     jobs = [(src, url, model, name) for name in names for src, url, model in llms]
     hits, gave_up = 0, set()
     stop = threading.Event()
     try:
-        bar = tqdm(in_threads(job, jobs, args.llm_workers, stop), total=len(jobs), desc="asking language models")
+        bar = tqdm(in_threads(job, jobs, args.llm_workers, stop), total=len(jobs),
+                   desc="asking language models")
         for src, name, texts, error, cached in bar:
             hits += cached
             if error is None:
@@ -785,10 +779,12 @@ def ask_llms(llms, names, args, key):
                     tqdm.write(f"  {src}: '{name}' failed: {error}")
                 elif src not in gave_up:  # one line, not one per skipped class
                     gave_up.add(src)
-                    tqdm.write(f"  {src}: failed {args.llm_give_up} classes in a row: its remaining classes are skipped")
-    finally:  # on Ctrl-C, do not go on asking the questions still queued (the answers so far are cached)
+                    tqdm.write(f"  {src}: failed {args.llm_give_up} classes in a row: its "
+                               f"remaining classes are skipped")
+    finally:  # on Ctrl-C, ask none of the questions still queued (the answers so far are cached)
         stop.set()
-    print(f"language models: {len(jobs)} questions, {hits} answered from the cache in {args.run}/cache/llm/")
+    print(f"language models: {len(jobs)} questions, {hits} answered from the cache in "
+          f"{args.run}/cache/llm/")
     return answers, failures
 
 

@@ -41,8 +41,11 @@ and a measurable effect, on a 2-core CPU in minutes:
   reports it for rates 0, 0.1, 0.2 and 0.3 (README: without misreading, stage 4 is
   level with a fixed mix of prototype and semantics).
 
-The stage scripts never import this module directly: they see the dataset name
-"toy" and the teacher name "toy-clip" through common.py.
+Most of the pipeline sees this world through common.py only (the dataset name "toy",
+the teacher name "toy-clip"). Two stages import it: 02_mine.py asks the describer
+(--llm toy) and declares its --toy-* flags (DESCRIBER_FLAGS, describer_source), and
+05_eval.py asks misread() which classes the describer got wrong. This module imports
+neither a stage nor common.py.
 """
 import colorsys
 import logging
@@ -356,7 +359,8 @@ def build_web(name, seed=0):
 DESCRIBE_FORMS = [
     "it is {c}", "shaped like a {s}", "its surface is {p}",
     "a {c} {s}", "a {c} thing, {p}", "a {s}, {p}", "a {c} object shaped like a {s}",
-    "a {c} {s}, {p}", "a photo of a {c} {s}, {p}", "it is a {s}, {c} and {p}", "a {p} {s} that is {c}",
+    "a {c} {s}, {p}", "a photo of a {c} {s}, {p}", "it is a {s}, {c} and {p}",
+    "a {p} {s} that is {c}",
 ]
 DESCRIBE_GENERIC = [
     "a simple object in a picture", "an object on a cluttered background", "a small figure",
@@ -391,8 +395,10 @@ def describe(name, seed=0, n=12, wrong_rate=0.3, n_generic=2, label_rate=0.15, m
     Deterministic given (name, seed): the same class and seed always get the same
     answer, like a cached LLM reply."""
     words = name.split()
-    if (len(words) != 3 or words[0] not in COLOURS or words[1] not in PATTERNS or words[2] not in SHAPES):
-        raise ValueError(f"'{name}' is not a toy-world class (colour pattern shape, e.g. 'red striped triangle')")
+    if (len(words) != 3 or words[0] not in COLOURS or words[1] not in PATTERNS
+            or words[2] not in SHAPES):
+        raise ValueError(f"'{name}' is not a toy-world class (colour pattern shape, "
+                         f"e.g. 'red striped triangle')")
     truth = dict(zip("cps", words))
     tables = {"c": {k: v[1] for k, v in COLOURS.items()}, "p": PATTERNS, "s": SHAPES}
     rng = np.random.default_rng([seed, *name.encode()])
@@ -428,6 +434,39 @@ def describe(name, seed=0, n=12, wrong_rate=0.3, n_generic=2, label_rate=0.15, m
     generic = rng.permutation(len(DESCRIBE_GENERIC))[:n_generic]
     out += [(DESCRIBE_GENERIC[i], True) for i in generic]
     return [out[i] for i in rng.permutation(len(out))]
+
+
+# The describer's flags: 02_mine.py declares them with its own (common.flag; `within` is
+# the valid interval, checked before any work), and describer_source() reads them.
+DESCRIBER_FLAGS = {
+    "--toy-wrong-rate": dict(type=float, default=0.3, within="[0, 1]",
+                             help="toy describer: fraction of wrong statements"),
+    "--toy-misread-rate": dict(type=float, default=0.2, within="[0, 1]",
+                               help="toy describer: fraction of classes whose name it misreads "
+                                    "(one attribute consistently wrong)"),
+    "--toy-n": dict(type=int, default=12, within="[1, inf)",
+                    help="toy describer: statements per class"),
+}
+
+
+def describer_source(spec, names, args):
+    """The describer as a knowledge source of 02_mine.py: --llm `spec` ("toy", or "toy@SEED";
+    without a seed, --seed's) asked about every class name with the flags above (args.toy_n,
+    args.toy_wrong_rate, args.toy_misread_rate). Returns ({name: [(text, is_correct)]}, the
+    source's record for the checkpoint and 02_descriptions.json). A malformed spec or a name
+    that is no toy class is a ValueError whose message names the flag."""
+    if spec != "toy" and not spec[4:].isdigit():
+        raise ValueError(f"--llm {spec}: the toy describer takes a seed, e.g. toy@1")
+    seed = int(spec[4:]) if spec != "toy" else args.seed
+    try:
+        table = {n: describe(n, seed, n=args.toy_n, wrong_rate=args.toy_wrong_rate,
+                             misread_rate=args.toy_misread_rate) for n in names}
+    except ValueError as e:
+        raise ValueError(f"--llm {spec}: the toy describer only knows toy-world classes "
+                         f"({e})") from None
+    return table, {"name": f"toy@{seed}", "kind": "toy-describer", "seed": seed,
+                   "wrong_rate": args.toy_wrong_rate, "misread_rate": args.toy_misread_rate,
+                   "n": args.toy_n}
 
 
 # ----------------------------------------------------------------------------------
