@@ -1286,24 +1286,3 @@ def _check():
 if __name__ == "__main__":
     run_main(_check)
 
-
-# TEMPORARY (removed once every stage uses parser/flag/start): the old per-stage checks
-def add_common_args(p, dataset="toy", clip="toy-clip"):
-    p.add_argument("--run", default="runs/toy", help="run folder: every stage reads and writes its files here")
-    p.add_argument("--dataset", default=dataset, help=f"one of {', '.join(DATASETS)}")
-    p.add_argument("--data-root", default=None, help="folder of the real dataset (unused for the toy world)")
-    p.add_argument("--image-size", type=int, default=84, help="the student's input size for --dataset folder")
-    p.add_argument("--clip", default=clip, help="open_clip model name (e.g. ViT-B-32), or toy-clip / toy-clip-tiny")
-    p.add_argument("--clip-pretrained", default=None, help="")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    return p
-
-
-def check_flags(args, ranges, out=None, stage=None):
-    for name, interval in {"seed": "[0, 4294967295]", **ranges}.items():
-        check_range(name, getattr(args, name), interval)
-    check_run_folder(args.run)
-    if out is not None:
-        check_output(out, stage)
-    remove_stale_temp_files(args.run)
