@@ -38,7 +38,7 @@ and a measurable effect, on a 2-core CPU in minutes:
   support images can, which is the job of stage 4's per-class gate. The rate is a
   property of the simulated language model, a modelling choice that no accuracy
   picked; what stage 4 adds depends on it, so `bash experiments/misread_sweep.sh`
-  reports it for rates 0, 0.1, 0.2 and 0.3 (README: without misreading, stage 4 is
+  reports it for rates 0, 0.1, 0.2 and 0.3 (docs/RESULTS.md: without misreading, stage 4 is
   level with a fixed mix of prototype and semantics).
 
 Most of the pipeline sees this world through common.py only (the dataset name "toy",

@@ -3,7 +3,7 @@ GPU smoke test of the real-scale path: all five stages at the standard widths fo
 steps, on a fake mini-ImageNet in the real (Ravi) layout with 84-px JPEGs, with a real
 open_clip architecture (ViT-B-32) whose random weights are asked for explicitly
 (--clip-pretrained random). Prints img/s per stage and peak GPU memory. Runs on a CPU too,
-slowly (README: "Real benchmarks" gives the CPU figures).
+slowly (docs/REAL_DATA.md gives the CPU figures).
 
     HF_HUB_OFFLINE=1 python3 bench/real_smoke.py                 # cuda when available
     HF_HUB_OFFLINE=1 python3 bench/real_smoke.py --device cpu --clip RN50

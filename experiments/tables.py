@@ -1,5 +1,5 @@
 """
-The tables across runs that the README quotes, from the results files of 05_eval.py.
+The tables across runs that docs/RESULTS.md quotes, from the results files of 05_eval.py.
 
   python experiments/tables.py seeds OUT RUN [RUN ...]
       one run per training seed, all scored on the same episodes (05_eval.py's

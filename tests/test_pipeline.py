@@ -49,7 +49,7 @@ def test_run_sh_tiny_pipeline_writes_the_full_table(tmp_path):
 @pytest.mark.slow
 def test_full_toy_run_reproduces_the_readme_claims_that_hold_in_every_seed(tmp_path):
     """bash run.sh (the full toy world, about 4 minutes on 2 cores): every row of both
-    tables, and the paired claims the README makes for every training seed hold for
+    tables, and the paired claims docs/RESULTS.md makes for every training seed hold for
     seed 0 (their 95% intervals exclude zero on the val and the novel classes)."""
     run = tmp_path / "run"
     env = dict(os.environ, RUN=str(run), HF_HUB_OFFLINE="1")
