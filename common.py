@@ -169,7 +169,7 @@ def check_episodes(split, n_way, shots, n_query, flags=None, min_shot=1):
     "1,5") support and n_query query images per class that `split` cannot supply. `flags`
     names the command-line flags that set them. Returns the shot counts as a list of ints."""
     shots = parse_list(shots, flags or "shots", int, "shot counts", "1,5")
-    fix = f": lower {flags}" if flags else ": the dataset is incomplete (python common.py check warns about such classes)"
+    fix = f": lower {flags}" if flags else ": the dataset is incomplete (python common.py check finds such classes)"
     if n_way < 2 or min(shots) < min_shot or n_query < 1:
         raise UserError(f"{n_way}-way {','.join(map(str, shots))}-shot episodes with {n_query} queries: use at "
                         f"least 2 ways, {min_shot} shot{'s' * (min_shot != 1)} and 1 query ({flags or 'fixed here'})")
@@ -260,12 +260,8 @@ class Split:
         from PIL import Image
         if self.paths is None:  # (files are read even when decoded once: `images` holds them at the student's size)
             return Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
-        try:
-            with Image.open(self.paths[i]) as im:
-                return im.convert("RGB")
-        except Exception as e:  # missing, not an image, truncated: name the file
-            raise UserError(f"cannot read image {self.paths[i]} ({type(e).__name__}): replace or delete it "
-                            f"(python common.py check --dataset {self.dataset} --data-root ... reads every image)")
+        return read_image(self.paths[i], hint=f" (python common.py check --dataset {self.dataset} "
+                                              f"--data-root ... reads every image)")
 
     def student_batch(self, idx):
         """uint8 [B, 3, size, size] for the student."""
@@ -275,6 +271,34 @@ class Split:
         out = [torch.from_numpy(np.array(self.pil(int(i)).resize((self.size, self.size), Image.BILINEAR)))
                for i in idx]
         return torch.stack(out).permute(0, 3, 1, 2).contiguous()
+
+
+def read_image(path, draft=None, hint=""):
+    """An image file as an RGB PIL image: the one way every reader opens one (the student's
+    decoding into the store, the teacher, python common.py check). `draft` (check): decode a
+    JPEG at reduced scale. Pillow's convert("RGB") clips 16-bit greyscale (a 16-bit PNG opens
+    as I;16) at 255, which turns it white: it is scaled to 8 bits here, by its high byte, as
+    Pillow itself reads 16-bit colour PNGs. Float pixels have no fixed range: refused."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            if draft:
+                im.draft("RGB", draft)
+            if im.mode == "F":
+                pixels = "32-bit float"
+            elif im.mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N; I: older Pillows' 16-bit PNG
+                grey = np.asarray(im).astype(np.int64)
+                if grey.size and (grey.min() < 0 or grey.max() > 65535):
+                    pixels = "32-bit integer"
+                else:
+                    return Image.fromarray((grey >> 8).astype(np.uint8)).convert("RGB")
+            else:
+                return im.convert("RGB")
+    except Exception as e:  # missing, not an image, truncated: name the file
+        raise UserError(f"cannot read image {path} ({type(e).__name__}): "
+                        f"replace or delete it{hint}")
+    raise UserError(f"cannot read image {path} ({pixels} pixels, which have no 8-bit meaning): "
+                    f"save it as an 8-bit or 16-bit image{hint}")
 
 
 class StudentImages(torch.utils.data.Dataset):
@@ -348,12 +372,44 @@ def decode_once(split, workers=None):
 
 def files_id(paths, *extra):
     """A short hash of a file list (paths, sizes, modification times) and `extra`: another copy
-    of a dataset, or the same one changed, gets another id (without reading every file)."""
+    of a dataset, or the same one changed, gets another id (without reading every file).
+    Every loader makes its file list with it, so each file is vetted here (data_file)."""
     h = hashlib.sha256(repr(extra).encode())
     for path in paths:
-        st = os.stat(path)
+        st = data_file(path)
         h.update(f"{os.path.abspath(path)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def shown(path):
+    """A path as a message can print it: bytes that are not UTF-8 as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def data_file(path):
+    """os.stat of a data file, which must be a regular file with a UTF-8 name: anything else is
+    refused in one line before it is opened (opening a FIFO waits forever for a writer, and a
+    name that is not UTF-8 cannot be written into the run's records)."""
+    import stat
+    if shown(path) != path:  # (os.listdir gives bytes that are not UTF-8 as surrogates)
+        raise UserError(f"the file name {shown(path)} is not UTF-8: rename it (or its folder)")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            problem = "is a symbolic link loop"
+        elif os.path.islink(path) and e.errno == errno.ENOENT:
+            problem = f"is a symbolic link to {shown(os.readlink(path))}, which does not exist"
+        else:
+            problem = f"cannot be read ({e.strerror})"
+        raise UserError(f"{shown(path)} {problem}: replace or delete it") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else
+                "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else
+                "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+        raise UserError(f"{shown(path)} is {kind}, not a file: a data file must be a regular file; "
+                        f"move it away")
+    return st
 
 
 # The four real benchmarks. Their class lists (id, readable name) are the project's own
@@ -390,6 +446,10 @@ def _data_root(dataset, root):
 
 def _make_split(dataset, split, classes, labels, where, **data):
     """The Split, once every class of the split is known to have at least one image."""
+    if len(classes) < 2:  # one base class "trains" at loss 0; an episode compares 2 or more
+        n = len(classes)
+        raise UserError(f"{dataset} {split} has {n} class{'es' * (n != 1)} in {where}: "
+                        f"a split needs at least 2 (add class folders)")
     labels = torch.as_tensor(labels, dtype=torch.int64)
     counts = torch.bincount(labels, minlength=len(classes))
     if (counts == 0).any():
@@ -419,6 +479,8 @@ def read_cifar100(root):
     parts = []
     for name in ("meta", "train", "test"):
         path = os.path.join(root, "cifar-100-python", name)
+        if os.path.lexists(path):
+            data_file(path)  # a FIFO would be opened and wait forever
         try:  # the official files hold a dict with bytes keys (b"data", b"fine_labels", ...)
             with open(path, "rb") as f:
                 d = {k.decode() if isinstance(k, bytes) else k: v
@@ -501,16 +563,65 @@ def _imagenet(dataset, split, root, size=None):
 def folder_classes(root, split):
     """Your own dataset: [(folder, readable name), ...] of root/<split>/<class>/, sorted by folder
     (torchvision's ImageFolder order). Names come from root/classes.tsv ('folder<TAB>name' lines)
-    when it names the folder, else from the folder name with '_' and '-' read as spaces."""
-    folder = os.path.join(_data_root("folder", root), split)
-    if not os.path.isdir(folder):
-        raise UserError(f"{folder} not found: --data-root should be {LAYOUTS['folder']}")
-    names, tsv = {}, os.path.join(root, "classes.tsv")
-    if os.path.isfile(tsv):
-        with open(tsv, encoding="utf-8") as f:
-            names = dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line and line.strip())
-    subs = sorted(d for d in os.listdir(folder) if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
-    return [(d, names.get(d, "").strip() or " ".join(d.replace("_", " ").replace("-", " ").split())) for d in subs]
+    when it names the folder, else from the folder name with '_' and '-' read as spaces.
+    All three splits are read, so that a class named twice is refused whichever is loaded."""
+    return _folder_splits(_data_root("folder", root))[split]
+
+
+def _classes_tsv(root):
+    """root/classes.tsv as {folder: readable name} ({} when there is none)."""
+    tsv = os.path.join(root, "classes.tsv")
+    if not os.path.isfile(tsv):
+        return {}
+    try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first folder
+        with open(tsv, encoding="utf-8-sig") as f:
+            lines = f.read().split("\n")  # (text mode reads \r\n as \n)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{tsv} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                        f"{e.start}): save it as UTF-8") from None
+    names = {}
+    for n, line in enumerate(lines, start=1):
+        row = line.split("\t")
+        if len(row) > 2:  # a tab inside a name, or a third column: which is the name is a guess
+            raise UserError(f"{tsv} line {n} has {len(row)} tab-separated columns: write "
+                            f"'folder<TAB>readable name', with no tab inside the name")
+        if len(row) == 2 and line.strip():
+            names[row[0]] = row[1].strip()
+    return names
+
+
+def _folder_splits(root):
+    """{split: [(folder, readable name), ...]} of a folder dataset, refused in one line where a
+    class has no usable name, or shares a folder or a name with another: two such classes would
+    get the same semantic vector (or the same class would be base and novel at once)."""
+    names, tsv, out = _classes_tsv(root), os.path.join(root, "classes.tsv"), {}
+    seen_folder, seen_name = {}, {}
+    for split in SPLITS:
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
+            raise UserError(f"{folder} not found: --data-root should be {LAYOUTS['folder']}")
+        subs = sorted(d for d in os.listdir(folder)
+                      if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
+        out[split] = []
+        for d in subs:
+            where = f"{split}/{d}"
+            if shown(d) != d:  # not UTF-8 (see data_file)
+                raise UserError(f"the class folder {shown(os.path.join(folder, d))} is not UTF-8: "
+                                f"rename it")
+            name = names.get(d) or " ".join(d.replace("_", " ").replace("-", " ").split())
+            if not name:
+                raise UserError(f"the class folder {os.path.join(folder, d)} has no readable name: "
+                                f"add a line '{d}<TAB>readable name' to {tsv}")
+            if d in seen_folder:
+                raise UserError(f"the class folder {d} is in both {seen_folder[d]}/ and {split}/: "
+                                f"a class belongs to one split (base, val or novel classes)")
+            key = " ".join(name.lower().split())  # CLIP's tokenizer reads 'Red  Fox' as 'red fox'
+            if key in seen_name:
+                raise UserError(f"the classes {seen_name[key]} and {where} have the same readable "
+                                f"name '{name}': give one of them another name in {tsv}")
+            seen_folder[d], seen_name[key] = split, where
+            out[split].append((d, name))
+    return out
 
 
 def _own(dataset, split, root, size=None):
@@ -1242,21 +1353,29 @@ def download(dataset, root):
 
 
 def check_images(split):
-    """Decode every image file of a split (JPEGs at reduced scale, which is fast) to find broken ones."""
-    from PIL import Image
+    """Decode every image file of a split as the stages will (read_image; JPEGs at reduced
+    scale, which is fast) to find broken ones."""
     for path in split.paths or []:
-        try:
-            with Image.open(path) as im:
-                im.draft("RGB", (split.size, split.size))
-                im.load()
-        except Exception as e:
-            raise UserError(f"cannot read image {path} ({type(e).__name__}): replace or delete it")
+        read_image(path, draft=(split.size, split.size))
+
+
+def check_splits(splits, n_way, shots, n_query):
+    """Refuse what a later stage would refuse about the splits, with the checks those stages
+    run (and so with their messages): the fixed 5-way val episodes of stages 1 and 3 (1-shot)
+    and 4 (each --shots), then the --n-way --shots --n-query episodes that stage 4 draws from
+    train and stage 5 from test and val. (A split of one class is refused by its loader.)"""
+    val_episodes(splits["val"], 1, 1, 0)
+    for k in parse_list(shots, "--shots", int, "shot counts", "1,5"):
+        val_episodes(splits["val"], k, 1, 0, "--shots")
+    for s in SPLITS:
+        check_episodes(splits[s], n_way, shots, n_query, "--n-way, --shots or --n-query")
 
 
 def _check():
     """python common.py check --dataset D --data-root R [--download] [--clip M --clip-pretrained P]:
-    loads every split of a dataset and decodes each image file, then (with --clip) loads the
-    teacher; a bad folder or teacher gives a one-line error (exit code 2)."""
+    loads every split of a dataset, refuses what a later stage would refuse about them and
+    decodes each image file, then (with --clip) loads the teacher; a bad folder or teacher
+    gives a one-line error (exit code 2)."""
     import argparse
     p = argparse.ArgumentParser(description=_check.__doc__)
     p.add_argument("command", choices=["check"])
@@ -1266,19 +1385,20 @@ def _check():
     p.add_argument("--download", action="store_true", help="fetch CIFAR-100 first (cifar-fs, fc100)")
     p.add_argument("--clip", default=None, help="also load this teacher (as the stages would)")
     p.add_argument("--clip-pretrained", default=None, help="its tag or weights file")
+    # the episodes of stages 4 and 5 (their defaults): pass what you will pass them
+    p.add_argument("--n-way", type=int, default=5, help="classes per episode (stages 4 and 5)")
+    p.add_argument("--shots", default="1,5", help="shot counts (stages 4 and 5)")
+    p.add_argument("--n-query", type=int, default=15, help="queries per class (stages 4 and 5)")
     args = p.parse_args()
     if args.clip:  # a wrong teacher is refused before the images are read
         check_teacher(args)
     if args.download:
         download(args.dataset, args.data_root)
-    for s in SPLITS:
-        split = read_split(args.dataset, s, args.data_root, args.image_size)
+    splits = {s: read_split(args.dataset, s, args.data_root, args.image_size) for s in SPLITS}
+    check_splits(splits, args.n_way, args.shots, args.n_query)  # before reading every image
+    for s, split in splits.items():
         check_images(split)
         print(f"{s}: {len(split.classes)} classes, {len(split)} images ({', '.join(split.classes[:3])}, ...)")
-        counts = torch.bincount(split.labels, minlength=len(split.classes))
-        if counts.min() < 20:  # a few-shot episode takes 5 shots + 15 queries per class
-            print(f"  warning: class {split.classes[int(counts.argmin())]} has only {int(counts.min())} images; "
-                  f"5-shot episodes with 15 queries need 20")
     if args.clip:
         print("teacher:", load_teacher(args.clip, args.clip_pretrained)[3])
 

@@ -279,14 +279,17 @@ def run_check(dataset, root):
 
 
 def test_check_cli(tmp_path):
-    root = write_ravi(tmp_path)
+    r = run_check("mini-imagenet", write_ravi(tmp_path / "small"))  # what stage 1 would refuse
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == ("error: mini-imagenet val class 'goose' has 2 images; 1-shot episodes with 15 queries "
+                        "need 16: the dataset is incomplete (python common.py check finds such classes)\n")
+    root = write_ravi(tmp_path, per_class=20)  # 5-shot episodes with 15 queries
     r = run_check("mini-imagenet", root)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "train: 64 classes, 128 images (house finch, robin, triceratops, ...)"
-    assert lines[1] == "  warning: class house finch has only 2 images; 5-shot episodes with 15 queries need 20"
-    assert lines[2] == "val: 16 classes, 32 images (goose, Ibizan hound, white wolf, ...)"
-    assert lines[4] == "test: 20 classes, 40 images (nematode, king crab, golden retriever, ...)"
+    assert lines[0] == "train: 64 classes, 1280 images (house finch, robin, triceratops, ...)"
+    assert lines[1] == "val: 16 classes, 320 images (goose, Ibizan hound, white wolf, ...)"
+    assert lines[2] == "test: 20 classes, 400 images (nematode, king crab, golden retriever, ...)"
     bad = os.path.join(root, "images", "n0198127600000002.jpg")  # a test image
     with open(bad, "wb") as f:
         f.write(b"GIF89a broken")
@@ -305,10 +308,10 @@ def test_check_in_process(tmp_path, monkeypatch, capsys):
             sys.exit(0)
         out, err = capsys.readouterr()
         return e.value.code, out, err
-    code, out, err = check("cifar-fs", write_cifar(tmp_path))
+    code, out, err = check("cifar-fs", write_cifar(tmp_path, per_class=(15, 5)))
     assert code == 0 and err == ""
-    assert out.splitlines()[0] == "train: 64 classes, 192 images (apple, aquarium fish, bear, ...)"
-    assert out.splitlines()[-2] == "test: 20 classes, 60 images (baby, bed, bicycle, ...)"
+    assert out.splitlines()[0] == "train: 64 classes, 1280 images (apple, aquarium fish, bear, ...)"
+    assert out.splitlines()[-1] == "test: 20 classes, 400 images (baby, bed, bicycle, ...)"
     code, out, err = check("fc100", str(tmp_path / "nowhere"))
     assert (code, out) == (2, "")
     assert err == f"error: --data-root {tmp_path / 'nowhere'} is not a folder: fc100 needs {common.LAYOUTS['fc100']}\n"

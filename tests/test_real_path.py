@@ -180,12 +180,24 @@ def test_own_dataset_loads_with_readable_names_and_image_size(tmp_path):
 def test_own_dataset_check_command(tmp_path):
     root = write_own(tmp_path / "mine")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, os.path.join(REPO, "common.py"), "check", "--dataset", "folder",
-                        "--data-root", root], capture_output=True, text=True, env=env, timeout=120)
+
+    def check():
+        return subprocess.run([sys.executable, os.path.join(REPO, "common.py"), "check", "--dataset", "folder",
+                               "--data-root", root], capture_output=True, text=True, env=env, timeout=120)
+    r = check()  # 3 val classes: stage 1's 5-way val episodes cannot be drawn
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr.startswith("error: 5-way episodes need 5 classes; folder val has 3: the dataset is incomplete")
+    for s in common.SPLITS:  # 20 images more in each class, and two more classes of 20
+        for d in os.listdir(os.path.join(root, s)):
+            if os.path.isdir(os.path.join(root, s, d)) and not d.startswith("."):
+                write_images(tmp_path / "mine" / s / d, 20, size=(40, 30), ext=".bmp")
+        for k in (1, 2):
+            write_images(tmp_path / "mine" / s / f"z{k}_{s}", 20, size=(40, 30))
+    r = check()
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "train: 3 classes, 9 images (grey wolf, arctic fox, red fox, ...)"
-    assert lines[2] == "val: 3 classes, 9 images (a b, c, d, ...)"
+    assert lines[0] == "train: 5 classes, 109 images (grey wolf, arctic fox, red fox, ...)"
+    assert lines[1] == "val: 5 classes, 109 images (a b, c, d, ...)"
 
 
 # ------------------------------------------------------------------------------
