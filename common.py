@@ -328,26 +328,171 @@ def _toy(name, split, root, size=None, seed=0):
     return Split(name, split, classes, labels, images=images, size=toyworld.SIZE, ids=list(classes), data_id=recipe)
 
 
+# The image store: <cache>/images/<key>.npy and beside it <key>.json, its record (key, shape,
+# dtype and a hash of a few rows), written before the store is renamed into place and checked
+# whenever the store is opened: a swapped, truncated or damaged store is built again, never used
+# (val features once came from the test split's store). While a store is written it is a
+# temporary file named like the checkpoint writer's, whose process holds a lock on it.
+
+STORE_TEMP = ".syntrans-tmp"  # the prefix of this project's temporary files (TEMP<pid>.<name>)
+STORE_ROWS = 16               # rows hashed into the record (hashing all would take minutes)
+
+
 def image_store(key, shape, fill):
     """Decode once: uint8 images of `shape` [N, 3, H, W] in <cache>/images/<key>.npy, written by
     the first call (fill(out) decodes or renders them into the memory-mapped array `out`) and
     memory-mapped from disk by every later one, so tiered-ImageNet need not fit in memory.
-    Written to a temporary file, then renamed: a killed run never leaves half a store."""
-    path = os.path.join(cache_dir(), "images", f"{key}.npy")
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.npy"
-        try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    A store that is not the one its record describes is built again (and says so)."""
+    folder = os.path.join(cache_dir(), "images")
+    path = os.path.join(folder, f"{key}.npy")
+    remove_dead_store_temps(folder)
+    wrong = None
+    if os.path.exists(path):
+        images, wrong = open_store(path, key, shape)
+        if wrong is None:
+            return torch.from_numpy(images)
+        print(f"the image store {path} {wrong}: building it again")
+    write_store(path, key, shape, fill, remove_first=wrong is not None)
+    return torch.from_numpy(np.load(path, mmap_mode="c"))  # "c": read on demand, never written
+
+
+def store_record(key, images):
+    """What identifies a store: its key, shape and dtype and the hashes of STORE_ROWS rows
+    spread over it (the first and last included)."""
+    n = len(images)
+    rows = sorted({int(i) for i in np.linspace(0, n - 1, min(n, STORE_ROWS)).round()})
+    return dict(key=key, shape=list(images.shape), dtype=str(images.dtype),
+                rows={str(i): hashlib.sha256(np.ascontiguousarray(images[i])).hexdigest()[:16]
+                      for i in rows})
+
+
+def record_path(path):
+    return os.path.splitext(path)[0] + ".json"
+
+
+def open_store(path, key, shape):
+    """(the store at `path`, memory-mapped, None) when it is the store of `key` and `shape` that
+    its record describes, else (None, what is wrong with it)."""
+    if not os.path.isfile(path):  # a FIFO, say, which would be read forever
+        return None, "is not a regular file"
+    if not os.path.isfile(record_path(path)):
+        return None, "has no record (written by an older version, or its record was lost)"
+    try:
+        with open(record_path(path), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None, "has no readable record (damaged)"
+    try:
+        images = np.load(path, mmap_mode="c")
+    except Exception as e:  # empty, truncated, random bytes, not a .npy at all
+        return None, f"is damaged ({type(e).__name__})"
+    if images.dtype != np.uint8 or images.shape != tuple(shape):
+        return None, (f"holds {images.dtype} images of shape {list(images.shape)}, "
+                      f"not uint8 {list(shape)}")
+    if not isinstance(record, dict) or record.get("key") != key:
+        return None, "has the record of another store (was the pair renamed?)"
+    if record != store_record(key, images):
+        return None, "does not hold the images its record describes (replaced or changed since)"
+    return images, None
+
+
+def write_store(path, key, shape, fill, remove_first=False):
+    """Write a store: create its temporary file, locked while it is written, and reserve its
+    space on disk first, so that a full disk is an OSError here and not a SIGBUS (which kills the
+    process without a word) when a page of the memory map is first written; then fill it, write
+    its record and rename it into place. Whatever stops it leaves no temporary file.
+    `remove_first`: the store there was found wrong, and its space may be needed."""
+    import fcntl
+    cache_folder("images")
+    tmp = store_temp_path(path)
+    try:
+        if remove_first:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        with open(tmp, "wb") as f:
+            with contextlib.suppress(OSError):  # a file system without locks: the pid tells
+                fcntl.flock(f, fcntl.LOCK_EX)
+            header = {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)}
+            np.lib.format.write_array_header_1_0(f, header)
+            reserve(f, f.tell() + math.prod(shape))
+            out = np.lib.format.open_memmap(tmp, mode="r+")
             fill(out)
             out.flush()
+            record = store_record(key, out)
             del out
+            atomic_write_text(json.dumps(record), record_path(path))
             os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    except BaseException as e:  # Ctrl-C included
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            full = (" (the disk is full: free some space there, or set SYNTRANS_CACHE to a folder "
+                    "on another disk)" if e.errno == errno.ENOSPC else "")
+            raise UserError(f"cannot write the image store {path}: {e.strerror or e}{full}; "
+                            f"no temporary file was left") from None
+        raise
+
+
+def reserve(f, size):
+    """Allocate the first `size` bytes of the open file `f` on disk now (a full disk: OSError)."""
+    f.flush()
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+        return
+    except AttributeError:  # macOS has no posix_fallocate
+        pass
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # ENOSPC, EIO, ...
             raise
-    return torch.from_numpy(np.load(path, mmap_mode="c"))  # "c": pages read on demand, never written back
+    f.seek(0, os.SEEK_END)  # a file system that cannot: the zeros are written
+    for left in range(size - f.tell(), 0, -(1 << 24)):
+        f.write(bytes(min(left, 1 << 24)))
+    f.flush()
+
+
+def store_temp_path(path):
+    """The temporary file a store is written to: TEMP<pid>.<name> beside it (the name the
+    checkpoint writer gives its temporary files, so that one rule finds what a killed run left)."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f"{STORE_TEMP}{os.getpid()}.{name}")
+
+
+def remove_dead_store_temps(folder):
+    """Remove, and say so, the temporary files (store_temp_path's) that a killed writer (kill -9,
+    the OOM killer, a power cut) left in `folder`: each as big as its store, and no run would
+    ever use them. A writer is dead when no process here has its pid (or it is ours: in a
+    container every run may have the same pid) and no process holds its lock (a writer on
+    another machine that shares the cache, whose pid means nothing here)."""
+    gone = []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:  # none yet, or unreadable (which writing there will say)
+        names = []
+    for name in names:
+        pid, dot, rest = name[len(STORE_TEMP):].partition(".")
+        if not (name.startswith(STORE_TEMP) and pid.isdigit() and dot and rest):
+            continue  # not ours: the user's, however temporary its name looks
+        tmp = os.path.join(folder, name)
+        if (int(pid) == os.getpid() or not _alive(int(pid))) and not _locked(tmp):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+                gone.append(name)
+    if gone:
+        print(f"removed {len(gone)} temporary file(s) that a killed run left in {folder} "
+              f"({', '.join(gone[:3])})")
+
+
+def _locked(path):
+    """Whether a live process holds the lock on `path` (write_store holds its temporary file's)."""
+    import fcntl
+    try:
+        with open(path, "rb+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when f is closed
+    except BlockingIOError:
+        return True
+    except OSError:  # gone already, or no locks on this file system: the pid decides
+        pass
+    return False
 
 
 def decode_once(split, workers=None):
@@ -673,7 +818,31 @@ TOY_TEACHERS = {"toy-clip": "toy", "toy-clip-tiny": "toy-tiny"}  # teacher -> th
 
 
 def cache_dir():
-    return os.environ.get("SYNTRANS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "syntrans"))
+    """$SYNTRANS_CACHE, or ~/.cache/syntrans when it is unset or empty (as XDG_CACHE_HOME is
+    read: an empty value would put the cache in whatever folder a stage is run from)."""
+    home = os.path.join(os.path.expanduser("~"), ".cache", "syntrans")
+    return os.environ.get("SYNTRANS_CACHE") or home
+
+
+def cache_folder(*parts):
+    """<cache>/<parts>, made if missing, before anything is written there: a cache folder that
+    cannot be written (HOME=/dev/null, read-only, a file) is one line saying what to set, and
+    nothing is made in it."""
+    root = cache_dir()
+    folder = os.path.join(root, *parts)
+    found = os.path.abspath(folder)
+    while not os.path.lexists(found):  # the part that exists already
+        found = os.path.dirname(found)
+    try:
+        if not os.path.isdir(found):
+            raise NotADirectoryError(errno.ENOTDIR, f"{found} is not a folder")
+        tempfile.TemporaryFile(dir=found).close()
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        unset = "" if os.environ.get("SYNTRANS_CACHE") else " (unset, it is ~/.cache/syntrans)"
+        raise UserError(f"cannot write the cache folder {root} ({e.strerror}): set SYNTRANS_CACHE "
+                        f"to a folder you can write to{unset}") from None
+    return folder
 
 
 RANDOM = "random"  # --clip-pretrained random: an untrained CLIP, only when asked for (smoke tests)
@@ -766,6 +935,8 @@ def load_teacher(name, pretrained=None, device="cpu"):
         open_clip.add_model_config(toyworld.TEACHER_CONFIG)
         arch, pretrained = "toy-clip", pretrained or toy_teacher_file(name)
         if not os.path.exists(pretrained):
+            if not given:
+                cache_folder()  # one that cannot be written: refused before the training
             print(f"training the stand-in teacher {name} once (cached at {pretrained})")
             teacher = toyworld.train_teacher(TOY_TEACHERS[name])
             atomic_save(teacher.state_dict(), pretrained)  # a kill or full disk leaves no half file
