@@ -34,7 +34,9 @@ Our choices (not from the paper; reasons in docs/DESIGN.md): the scores above; k
 and temperature 0.3, chosen on val classes; --sources templates (the syntrans-templates
 ablation) gives CLIP's plain prompt ensemble, the mean.
 """
+import email.utils
 import hashlib
+import http
 import http.client
 import json
 import os
@@ -62,6 +64,12 @@ import toyworld
 POOLS = {"train": ("train",), "val": ("train", "val"), "test": ("train", "test")}
 
 
+# the similarities of a block of candidates with every candidate of the pool, [rows, C, nmax],
+# hold at most this many numbers: a class with thousands of candidates is scored a block of
+# rows at a time (memory stays bounded; a block that holds the whole class changes nothing)
+SCORE_BLOCK = 1 << 24
+
+
 def score_candidates(embs, images=None, image_weight=1.0, k=2):
     """Scores of every candidate (see the header). embs: one [n_c, m] tensor of
     L2-normalised text embeddings per class of one pool (POOLS above: specificity is
@@ -74,25 +82,13 @@ def score_candidates(embs, images=None, image_weight=1.0, k=2):
     for c, e in enumerate(embs):
         padded[c, :len(e)] = e
     valid = torch.arange(padded.shape[1])[None] < counts[:, None]  # [C, nmax]
-    kk = min(k, padded.shape[1])
+    rows = max(1, SCORE_BLOCK // (C * padded.shape[1]))
     has_image = None if images is None else ~torch.isnan(images).any(1)
     out = []
     for c, e in enumerate(embs):
         n = len(e)
-        sims = torch.einsum("nm,cjm->ncj", e, padded)
-        sims = sims.masked_fill(~valid[None], float("-inf"))  # [n, C, nmax]
-        # agreement: the k best matches among the other candidates of the same class
-        # (a statement another one backs up is likely true; a hallucination stands alone)
-        own = sims[:, c].clone()
-        own[torch.arange(n), torch.arange(n)] = float("-inf")
-        ka = min(k, n - 1)
-        agree = own.topk(ka, -1).values.mean(-1) if ka > 0 else torch.ones(n)
-        # specificity: per other class the mean of its k best matches (fewer if it has
-        # fewer candidates), averaged over the other classes ("a small object" is generic)
-        top = sims.topk(kk, -1).values                           # [n, C, kk]
-        ok = torch.isfinite(top)
-        per_class = top.masked_fill(~ok, 0).sum(-1) / ok.sum(-1).clamp(min=1)  # [n, C]
-        specific = ((per_class.sum(1) - per_class[:, c]) / (C - 1)) if C > 1 else torch.zeros(n)
+        blocks = [text_scores(e[i:i + rows], i, c, padded, valid, k) for i in range(0, n, rows)]
+        agree, specific = (torch.cat(x) for x in zip(*blocks))
         # the image vote of the base classes: own images against the other base classes' images
         image = torch.zeros(n)
         if has_image is not None and has_image[c] and image_weight:
@@ -102,6 +98,27 @@ def score_candidates(embs, images=None, image_weight=1.0, k=2):
         out.append({"agree": agree, "specific": specific, "image": image,
                     "score": agree - specific + image_weight * image})
     return out
+
+
+def text_scores(e, first, c, padded, valid, k):
+    """agree and specific ([rows] each) of the candidates e = embs[c][first:first + rows]
+    against the pool's candidates (padded [C, nmax, m], valid [C, nmax]: see above)."""
+    n, C, n_own = len(e), len(padded), int(valid[c].sum())
+    sims = torch.einsum("nm,cjm->ncj", e, padded)
+    sims = sims.masked_fill(~valid[None], float("-inf"))  # [n, C, nmax]
+    # agreement: the k best matches among the other candidates of the same class
+    # (a statement another one backs up is likely true; a hallucination stands alone)
+    own = sims[:, c].clone()
+    own[torch.arange(n), torch.arange(first, first + n)] = float("-inf")
+    ka = min(k, n_own - 1)
+    agree = own.topk(ka, -1).values.mean(-1) if ka > 0 else torch.ones(n)
+    # specificity: per other class the mean of its k best matches (fewer if it has
+    # fewer candidates), averaged over the other classes ("a small object" is generic)
+    top = sims.topk(min(k, padded.shape[1]), -1).values      # [n, C, kk]
+    ok = torch.isfinite(top)
+    per_class = top.masked_fill(~ok, 0).sum(-1) / ok.sum(-1).clamp(min=1)  # [n, C]
+    specific = ((per_class.sum(1) - per_class[:, c]) / (C - 1)) if C > 1 else torch.zeros(n)
+    return agree, specific
 
 
 def mine_vector(emb, score, keep=0.7, temperature=0.1):
@@ -150,6 +167,7 @@ PROMPT = ("List {n} short visual descriptions of a {name}, as it looks in a phot
           "shape, pattern, texture or parts. One description per line, each under 10 words, "
           "no numbering, no other text.")
 SOURCE_KINDS = ("templates", "llm", "files")
+SOURCES_DEFAULT = "templates,llm,files"  # --sources: every kind that was given
 
 
 def templates_source(names):
@@ -221,10 +239,16 @@ def gather(args, classes, key):
         raise common.UserError(f"no knowledge source: --sources '{args.sources}' selects none "
                                f"that was given (llm needs --llm URL@MODEL, files needs "
                                f"--descriptions FILE, templates need nothing)")
-    if kinds != ["templates"] and not (use_llm or use_files):
-        raise common.UserError("only the prompt templates are available: give --llm URL@MODEL "
-                               "or --descriptions FILE for SynMine, or --sources templates for "
-                               "the templates-only ablation")
+    if args.sources == SOURCES_DEFAULT:
+        # the default is every kind that was given: a language model is optional (README)
+        if not use_llm:
+            files = "the --descriptions files" if use_files else "no descriptions file"
+            print(f"sources: no --llm, so no language model is asked: SynMine mines the prompt "
+                  f"templates and {files} (add --llm URL@MODEL for a model's descriptions)")
+    elif kinds != ["templates"] and not (use_llm or use_files):
+        raise common.UserError(f"--sources {args.sources}: only the prompt templates are "
+                               f"available: give --llm URL@MODEL or --descriptions FILE for "
+                               f"SynMine, or --sources templates for the templates-only ablation")
     all_classes = [(s, i, n) for s in common.SPLITS for i, n in enumerate(classes[s])]
     names = list(dict.fromkeys(n for _, _, n in all_classes))
     if not names:
@@ -281,9 +305,10 @@ def gather(args, classes, key):
 def get_args():
     p = common.parser(__doc__)
     flag = common.flag
-    flag(p, "--sources", default="templates,llm,files",
+    flag(p, "--sources", default=SOURCES_DEFAULT,
          help="comma list of the source kinds to use, of: templates, llm, files "
-              "('templates' alone makes the syntrans-templates ablation)")
+              "('templates' alone makes the syntrans-templates ablation); by default every "
+              "kind that was given (llm with --llm, files with --descriptions)")
     flag(p, "--llm", action="append", default=None, metavar="URL@MODEL",
          help="a chat-completions endpoint and model, e.g. "
               "http://localhost:8000/v1@qwen2.5-7b-instruct; repeatable; 'toy' or 'toy@SEED' is "
@@ -294,11 +319,13 @@ def get_args():
     flag(p, "--llm-n", type=int, default=10, within="[1, inf)",
          help="descriptions asked per class; at most twice this many are used")
     flag(p, "--llm-timeout", type=float, default=60.0, within="(0, inf)",
-         help="seconds to wait for one whole answer")
+         help=f"seconds to wait for one whole answer (of which at most {ANSWER_BYTES >> 10} KiB "
+              f"are read)")
     flag(p, "--llm-retries", type=int, default=2, within="[0, inf)",
          help="retries of a failed request (timeouts, HTTP 5xx/429, garbage)")
     flag(p, "--llm-backoff", type=float, default=2.0, within="[0, inf)",
-         help="seconds before the first retry, doubling after each")
+         help="seconds before the first retry, doubling after each (longer where a server "
+              "asks for it with Retry-After, up to --llm-timeout)")
     flag(p, "--llm-give-up", type=int, default=5, within="[0, inf)",
          help="after this many consecutive failed classes a model's remaining classes are "
               "skipped (0: never)")
@@ -307,8 +334,9 @@ def get_args():
     for name, kw in toyworld.DESCRIBER_FLAGS.items():  # --toy-*: the toy describer's own
         flag(p, name, **kw)
     flag(p, "--descriptions", action="append", default=[], metavar="FILE",
-         help="JSON file: class name -> list of descriptions (or an earlier "
-              "02_descriptions.json); repeatable")
+         help=f"JSON file: class name -> list of descriptions (or an earlier "
+              f"02_descriptions.json; the first {FILE_STATEMENTS} of a class are used); "
+              f"repeatable")
     flag(p, "--keep", type=float, default=0.5, within="(0, 1]",
          help="fraction of each class's candidates kept")
     flag(p, "--temperature", type=float, default=0.3, within="(0, inf)",
@@ -519,6 +547,8 @@ def weight_shares(entries):
 # answers, the key kept out of every file). Only this stage talks to language models.
 
 TEXT_CHARS = 1000  # far more than 77 tokens of any text
+FILE_STATEMENTS = 200  # a descriptions file's statements used per class (the first ones)
+ANSWER_BYTES = 256 << 10  # bytes read of one answer (20 short lines are a few kB)
 
 
 @torch.no_grad()
@@ -534,9 +564,18 @@ def encode_texts(model, tokenizer, texts, device, batch=256):
     return F.normalize(torch.cat(out), dim=-1).cpu()
 
 
+def clean_text(text):
+    """text with each lone surrogate (JSON's "\\ud800" reads as one; UTF-8 cannot hold it, so
+    it would fail only when the results are written) replaced by U+FFFD."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)
+
+
 def load_descriptions_file(path, names):
     """{class name: [texts]} from a JSON file: either class -> list of strings, or the
-    02_descriptions.json of an earlier run (its kept non-template candidates)."""
+    02_descriptions.json of an earlier run (its kept non-template candidates). Cleaned as it
+    is read: lone surrogates replaced (clean_text), each text cut to TEXT_CHARS characters
+    (all the teacher reads of it), repeats dropped, at most FILE_STATEMENTS per class (the
+    mining's time and memory grow with a class's candidates; the cut is said)."""
     where = f"--descriptions {path}"
     if not os.path.isfile(path):
         raise common.UserError(f"{where} not found" + (" (it is a folder)" * os.path.isdir(path)))
@@ -545,6 +584,8 @@ def load_descriptions_file(path, names):
             data = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise common.UserError(f"{where} is not valid JSON ({e})")
+    except RecursionError:
+        raise common.UserError(f"{where} is nested too deeply to be a descriptions file")
     if isinstance(data, dict) and isinstance(data.get("splits"), dict):  # a 02_descriptions.json
         try:
             data = {name: [c["text"] for c in entry.get("candidates", [])
@@ -558,7 +599,22 @@ def load_descriptions_file(path, names):
                                                                          for s in v)
                                              for v in data.values()):
         raise common.UserError(f"{where} must map class names to lists of strings")
-    found = {n: [s.strip() for s in data[n] if s.strip()] for n in names if n in data}
+    data = {clean_text(n): texts for n, texts in data.items()}
+    found = {}
+    for n in (n for n in names if n in data):
+        texts, seen = [], set()
+        for t in data[n]:
+            t = clean_text(t.strip())[:TEXT_CHARS].strip()
+            if t and t.lower() not in seen:
+                seen.add(t.lower())
+                texts.append(t)
+        found[n] = texts
+    cut = {n: len(t) for n, t in found.items() if len(t) > FILE_STATEMENTS}
+    if cut:
+        most = max(cut, key=cut.get)
+        print(f"  {path}: {len(cut)} classes have over {FILE_STATEMENTS} descriptions (e.g. "
+              f"'{most}': {cut[most]}): the first {FILE_STATEMENTS} of each are used")
+        found = {n: t[:FILE_STATEMENTS] for n, t in found.items()}
     if not found:
         raise common.UserError(f"{where} names none of the {len(names)} classes of this dataset "
                                f"(e.g. '{names[0]}'): is it the file of another dataset?")
@@ -573,19 +629,30 @@ class LLMError(Exception):
     """A failed request. The message is a short reason for the report: it never holds
     the key or a server's error body (which may echo a part of the key)."""
 
-    def __init__(self, reason, retry=False):
+    def __init__(self, reason, retry=False, wait=0.0):
         super().__init__(reason)
-        self.retry = retry
+        self.retry, self.wait = retry, wait  # wait: seconds the server asked for (Retry-After)
 
 
 def parse_llm_spec(spec):
     """'URL@MODEL' -> (base URL, chat-completions endpoint, model). The model follows
-    the last '@'; the endpoint is URL/chat/completions unless URL already ends so."""
+    the last '@'; the endpoint is URL/chat/completions unless URL already ends so. A URL
+    with user:password@ is refused: the key goes in the environment (--llm-key-env)."""
     url, sep, model = spec.rpartition("@")
-    if not sep or not url or not model or not url.startswith(("http://", "https://")):
+    try:  # a query string (?api_key=...) stays after the path
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (a port that is no number raises here, not at the request)
+    except ValueError:
+        parts = None
+    if (not sep or not url or not model or parts is None
+            or parts.scheme not in ("http", "https") or not parts.hostname):
         raise common.UserError(f"--llm '{redact_spec(spec)}' is not URL@MODEL (e.g. "
                                f"http://localhost:8000/v1@qwen2.5-7b-instruct) nor toy / toy@SEED")
-    parts = urllib.parse.urlsplit(url)  # a query string (?api_key=...) stays after the path
+    if "@" in parts.netloc:
+        raise common.UserError(f"--llm '{redact_spec(spec)}': a user:password@ in the URL is not "
+                               f"sent: put the API key in $OPENAI_API_KEY (or the variable "
+                               f"--llm-key-env names), sent as a Bearer token, and drop it "
+                               f"from the URL")
     path = parts.path.rstrip("/")
     chat_path = path if path.endswith("/chat/completions") else path + "/chat/completions"
     return (urllib.parse.urlunsplit(parts._replace(path=path)),
@@ -595,16 +662,20 @@ def parse_llm_spec(spec):
 def redact(url):
     """A URL without user:password@ and without its query string (either may hold a key),
     for what is printed or written."""
-    parts = urllib.parse.urlsplit(url)
-    if (parts.username is None and parts.password is None and not parts.query
-            and not parts.fragment):
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. an unclosed [ of an IPv6 address: cut what may follow a host
+        return re.sub(r"//[^/?#]*@", "//", url).split("?")[0].split("#")[0]
+    if "@" not in parts.netloc and not parts.query and not parts.fragment:
         return url
-    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    netloc = parts.netloc.rpartition("@")[2]  # host[:port] as written (never parsed: no error)
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
 
 
 def redact_spec(spec):
-    """--llm URL@MODEL as it may be printed or written."""
+    """--llm URL@MODEL as it may be printed or written (a user:password@ removed wherever it
+    is, even where the spec is malformed, e.g. with no @MODEL)."""
+    spec = re.sub(r"//[^/?#]*@", "//", spec.strip())
     url, sep, model = spec.rpartition("@")
     return redact(url) + sep + model if sep else redact(spec)
 
@@ -622,10 +693,36 @@ def drop_secret_lines(text, hidden):
     return "\n".join(line for line in text.splitlines() if not any(h in line for h in hidden))
 
 
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: urllib would resend the request, the key's header included, to
+    whatever host a server names. A redirect is an HTTPError, a failure of that model."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, msg, headers, fp)
+
+
+OPENER = urllib.request.build_opener(NoRedirect)  # urlopen's handlers, NoRedirect in its place
+
+
+def retry_after(headers):
+    """The seconds a 429 or 503 answer asks the client to wait (Retry-After: seconds or an
+    HTTP date), 0 when it names none."""
+    value = str(headers.get("Retry-After", "") if headers else "").strip()
+    try:
+        return max(0.0, float(value))  # (NaN gives 0)
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return 0.0
+
+
 def chat(url, model, prompt, key=None, timeout=60.0):
     """One chat-completions request; returns the answer's text or raises LLMError.
     Only model and messages are sent: the defaults of every server (some reject a
-    temperature or max_tokens) and the cache make runs reproducible anyway."""
+    temperature or max_tokens) and the cache make runs reproducible anyway. At most
+    ANSWER_BYTES are read, within `timeout`; a redirect is refused (NoRedirect)."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}]}).encode()
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if key:
@@ -633,16 +730,27 @@ def chat(url, model, prompt, key=None, timeout=60.0):
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     deadline = time.monotonic() + timeout  # for the whole answer: a server may trickle it
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:
-            raw = b""
+        with OPENER.open(request, timeout=timeout) as r:
+            raw, size = [], 0
             while chunk := r.read1(1 << 16):
-                raw += chunk
+                raw.append(chunk)
+                size += len(chunk)
+                if size > ANSWER_BYTES:  # a server that never stops: a bounded memory and cache
+                    raise LLMError(f"the answer is over {ANSWER_BYTES >> 10} KiB: not read "
+                                   f"further", retry=True)
                 if time.monotonic() > deadline:
                     raise TimeoutError
+            raw = b"".join(raw)
     except urllib.error.HTTPError as e:  # 4xx other than 429 will not fix itself: no retry
         e.close()
+        if 300 <= e.code < 400:  # (where to is not said: a server may put the key in it)
+            raise LLMError(f"HTTP {e.code} redirect not followed (the key goes to no other "
+                           f"address): give the URL it names in --llm, if you trust it")
+        # the standard reason phrase, not the server's own (which may echo the key)
+        phrase = http.HTTPStatus(e.code).phrase if e.code in set(http.HTTPStatus) else "error"
         hint = " (check the key)" if e.code in (401, 403) else ""
-        raise LLMError(f"HTTP {e.code} {e.reason}{hint}", retry=e.code >= 500 or e.code == 429)
+        raise LLMError(f"HTTP {e.code} {phrase}{hint}", retry=e.code >= 500 or e.code == 429,
+                       wait=retry_after(e.headers) if e.code in (429, 503) else 0.0)
     except TimeoutError:
         raise LLMError(f"timeout after {timeout:g}s", retry=True)
     except urllib.error.URLError as e:
@@ -657,22 +765,24 @@ def chat(url, model, prompt, key=None, timeout=60.0):
         message = choice["message"]
         if not isinstance(message, dict):
             raise TypeError
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         raise LLMError("the answer is not JSON", retry=True)
     except (KeyError, IndexError, TypeError):
         raise LLMError("the answer is not a chat completion (no choices[0].message)", retry=True)
     if message.get("refusal") or choice.get("finish_reason") == "content_filter":
         raise LLMError("refused")
     content = message.get("content")
-    if isinstance(content, list):  # some servers send a list of content parts
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if isinstance(content, list):  # some servers send a list of content parts (text: a string)
+        content = "".join(part["text"] for part in content
+                          if isinstance(part, dict) and isinstance(part.get("text"), str))
     if not isinstance(content, str) or not content.strip():
         raise LLMError("empty answer", retry=True)
-    return content
+    return clean_text(content)
 
 
 def ask(url, model, prompt, key=None, timeout=60.0, retries=2, backoff=2.0):
-    """chat() with bounded retries: at most 1 + retries requests, waits doubling."""
+    """chat() with bounded retries: at most 1 + retries requests, waits doubling, or longer
+    where the server asks for it (Retry-After), but never more than `timeout` for that."""
     for attempt in range(retries + 1):
         try:
             return chat(url, model, prompt, key, timeout)
@@ -680,7 +790,7 @@ def ask(url, model, prompt, key=None, timeout=60.0, retries=2, backoff=2.0):
             if not e.retry or attempt == retries:
                 tries = "try" if attempt == 0 else "tries"
                 raise LLMError(f"{e} (after {attempt + 1} {tries})") from None
-            time.sleep(backoff * 2 ** attempt)
+            time.sleep(max(backoff * 2 ** attempt, min(e.wait, timeout)))
 
 
 _BULLET = re.compile(r"^(?:[-*+\u2022\u00b7\u2013>#]+|\(?\d{1,3}[.):]|\(?[a-zA-Z][.)])\s+")
@@ -692,13 +802,14 @@ _PREAMBLE = re.compile(r"^(?:here (?:are|is)|sure[,!.]|certainly[,!.]|of course[
 def parse_descriptions(text, max_n=20):
     """The descriptions in a model's answer, one per line: bullets, numbers, quotes,
     markdown and code fences removed; headers, preambles and refusals dropped;
-    duplicates removed. A JSON list of strings is accepted too."""
+    duplicates removed; a line of over 40 words or TEXT_CHARS characters is no short
+    description. A JSON list of strings is accepted too."""
     text = text.strip()
     try:
         items = json.loads(re.sub(r"^```\w*\s*|\s*```$", "", text))
         lines = ([s for s in items if isinstance(s, str)] if isinstance(items, list)
                  else text.splitlines())
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested thousands deep
         lines = text.splitlines()
     out, seen = [], set()
     for line in lines:
@@ -708,7 +819,7 @@ def parse_descriptions(text, max_n=20):
         s = _BULLET.sub("", s).replace("**", "").replace("__", "").strip()
         s = s.strip("\"'`\u201c\u201d\u2018\u2019").strip().rstrip(",;").strip()
         if (not s or not re.search(r"[A-Za-z]", s) or s.endswith(":") or len(s.split()) > 40
-                or _REFUSAL.match(s) or _PREAMBLE.match(s)):
+                or len(s) > TEXT_CHARS or _REFUSAL.match(s) or _PREAMBLE.match(s)):
             continue
         if s.lower() not in seen:
             seen.add(s.lower())
@@ -738,8 +849,10 @@ def ask_llms(llms, names, args, key):
             try:
                 with open(path, encoding="utf-8") as f:
                     content = json.load(f)["content"]
-                return src, name, parse_descriptions(content, 2 * args.llm_n), None, True
-            except (ValueError, KeyError, OSError):
+                if isinstance(content, str):
+                    texts = parse_descriptions(clean_text(content), 2 * args.llm_n)
+                    return src, name, texts, None, True
+            except (ValueError, KeyError, TypeError, OSError, RecursionError):
                 pass  # a broken cache file is simply asked again
         if args.llm_give_up and streak[src] >= args.llm_give_up:
             why = f"skipped: the model failed {args.llm_give_up} classes in a row"

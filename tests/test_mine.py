@@ -410,3 +410,49 @@ def test_ctrl_c_with_requests_in_flight_exits_at_once(tmp_path):
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.endswith(f"interrupted: {common.INTERRUPTED}\n") and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "run" / common.SEMANTICS)
+
+
+# ----------------------------------------------------------------------------------
+# A real dataset without a language model (issue 22): the default sources use what was given
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory):
+    """A real open_clip architecture at tiny widths (32-px images), registered by name."""
+    import open_clip
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                          "patch_size": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                        "layers": 1}}
+    (folder / "tiny-clip-mine-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(folder / "tiny-clip-mine-test.json"))
+    return "tiny-clip-mine-test"
+
+
+def test_real_dataset_without_llm_mines_templates_and_says_so(tmp_path, tiny_open_clip, capsys):
+    """`run.sh mini-imagenet` passes no source flag: without --llm, stage 2 mines the prompt
+    templates (the image vote included) instead of refusing after hours of stage 1."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    root = tmp_path / "mini"
+    for s in common.SPLITS:
+        for wnid, _ in common.split_classes("mini-imagenet", s):
+            (root / s / wnid).mkdir(parents=True)
+            for i in range(2 if s == "train" else 1):
+                pixels = rng.integers(0, 256, (84, 84, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / s / wnid / f"{i}.jpg")
+    run = tmp_path / "run"
+    mine.main(["--run", str(run), "--dataset", "mini-imagenet", "--data-root", str(root),
+               "--clip", tiny_open_clip, "--clip-pretrained", "random", "--device", "cpu"])
+    out = capsys.readouterr().out
+    said = [line for line in out.splitlines() if "no --llm" in line]
+    assert len(said) == 1 and "SynMine mines the prompt templates" in said[0], out
+    ck = common.load_checkpoint(str(run / common.SEMANTICS), "mine", "")
+    assert ck["sources"] == ["templates"] and {s: len(v) for s, v in ck["state"].items()} == \
+        {"train": 64, "val": 16, "test": 20}
+    doc = json.loads((run / "02_descriptions.json").read_text())
+    cands = next(iter(doc["splits"]["train"].values()))["candidates"]
+    # mined (half kept, the image vote cast), not averaged as the templates-only ablation is
+    assert sum(c["kept"] for c in cands) == 4 and any(c["image"] != 0 for c in cands)
