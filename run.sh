@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole SynTrans pipeline, five stages in order, into one run folder.
 #
-#   bash run.sh                 the offline toy world on a CPU (about 6 minutes on 2 cores) -> runs/toy/results.json
+#   bash run.sh                 the offline toy world on a CPU (about 5 minutes on 2 cores) -> runs/toy/results.md
 #   bash run.sh toy-tiny        a tiny toy run (a minute or two; what the end-to-end test runs)
-#   DATA_ROOT=/data/cifar bash run.sh cifar-fs      a real benchmark on one GPU (see README):
+#   DATA_ROOT=/data/cifar bash run.sh cifar-fs      a real benchmark on one GPU (docs/REAL_DATA.md):
 #   cifar-fs | fc100 | mini-imagenet | tiered-imagenet | folder (your own dataset),
 #   with CLIP=ViT-B-32 PRETRAINED=openai by default
 #
@@ -40,7 +40,7 @@ case "$preset" in
     S1="--epochs 2 --val-episodes 50" S2="--llm toy" S3="--epochs 5 --val-episodes 50"
     S4="--steps 60 --val-every 30 --val-episodes 50" S5="--episodes 100" ;;
   cifar-fs|fc100|mini-imagenet|tiered-imagenet|folder)
-    : "${DATA_ROOT:?set DATA_ROOT to the dataset folder (see README: Real benchmarks)}"
+    : "${DATA_ROOT:?set DATA_ROOT to the dataset folder (see docs/REAL_DATA.md)}"
     DATA_ROOT=$(abs "$DATA_ROOT")
     PRETRAINED=${PRETRAINED:-openai}
     [ -e "$(abs "$PRETRAINED")" ] && PRETRAINED=$(abs "$PRETRAINED")  # a weights file, else an open_clip tag
