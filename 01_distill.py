@@ -144,7 +144,7 @@ def main(argv=None):
                           weight_decay=args.weight_decay)
     sched = common.cosine_schedule(opt, args.epochs * (len(train) // args.batch_size))
     parts = {"student": student, "ce_head": ce_head, "proj": proj, "opt": opt, "sched": sched}
-    config = vars(args) | {"widths": widths}
+    config = vars(args) | {"widths": widths, "data_id": {s.split: s.data_id for s in (train, val)}}
     start_epoch, history, best = resume.load(
         parts, config, args.dataset, classes, teacher_id,
         ignore=("resume", "workers", "device", "run", "data_root"))  # may differ when resuming

@@ -63,7 +63,7 @@ class Bridge(nn.Module):
         """The bridge saved by this script (03_bridge.py), in eval mode on `device`."""
         config = ckpt["config"]
         bridge = cls(ckpt["dims"]["sem"], ckpt["dims"]["vis"], config["hidden"], config["dropout"])
-        bridge.load_state_dict(ckpt["state"])
+        common.load_weights(bridge, ckpt)  # one line if the file does not fit
         return bridge.to(device).eval()
 
     def to_visual(self, t):

@@ -26,6 +26,7 @@ import os
 import pickle
 import random
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -110,9 +111,9 @@ class ResNet12(nn.Module):
 
 def load_student(ckpt, device):
     """The ResNet-12 of a stage-1 checkpoint (01_distill.py), in eval mode on `device`."""
-    student = ResNet12(tuple(ckpt["config"]["widths"])).to(device)
-    student.load_state_dict(ckpt["state"]["student"])
-    return student.eval()
+    with reading(ckpt):  # a hand-edited or older file: one line
+        student = ResNet12(tuple(ckpt["config"]["widths"]))
+    return load_weights(student, ckpt, "student").to(device).eval()
 
 
 IMAGE_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # the student's own normalisation
@@ -1077,12 +1078,19 @@ def run_main(main):
     """Call a stage's main(); user errors become a one-line message and exit code 2,
     a Ctrl-C or SIGTERM a one-line message and exit code 130 or 143. Other exceptions are
     bugs: traceback. Ctrl-C works even where the shell started us with SIGINT ignored
-    (`cmd &` in a script, nohup)."""
+    (`cmd &` in a script, nohup). Printing that fails (see _Stdout) never stops the work:
+    it is one line and exit code 2 once the stage has finished."""
     on_interrupt(None)
     before = {s: signal.signal(s, h) for s, h in [(signal.SIGINT, signal.default_int_handler),
                                                    (signal.SIGTERM, _terminate)]}
+    given = sys.stdout
+    stdout = sys.stdout = _Stdout(given or io.StringIO())  # (None: started with stdout closed)
     try:
-        main()
+        try:
+            main()
+        finally:  # what is still buffered is printed now, where a failure can be told
+            stdout.flush()
+            sys.stdout = given
     except UserError as e:
         msg = str(e).strip()
         if "\n" in msg:  # re-raised from a DataLoader worker: "Caught UserError in ...\n<traceback>"
@@ -1093,9 +1101,66 @@ def run_main(main):
         hint = _interrupt_hint() if callable(_interrupt_hint) else _interrupt_hint
         print(f"interrupted: {hint or INTERRUPTED}", file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)
+    except SystemExit as e:  # --help, or argparse's own one-line error
+        if stdout.failed is None or e.code not in (0, None):
+            raise
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+    if stdout.failed is not None:
+        print(f"error: {stdout.problem()}", file=sys.stderr)
+        sys.exit(2)
+
+
+class _Stdout:
+    """sys.stdout while a stage runs. Printing can fail where the work did not: stdout on a
+    full disk (or /dev/full), a closed pipe, or an encoding (PYTHONIOENCODING=ascii) without
+    a character of stage 5's table. The first failure is kept for run_main to report when
+    the stage has finished; the text goes on with such characters escaped (\\xb1), or, when
+    stdout cannot be written at all, is dropped: a failed print never costs a run its files."""
+
+    def __init__(self, stream):
+        self.stream, self.failed, self.lost = stream, None, False
+
+    def write(self, text):
+        if not self.lost:
+            try:
+                return self.stream.write(text)
+            except UnicodeEncodeError as e:
+                self.failed = self.failed or e
+                try:
+                    self.stream.reconfigure(errors="backslashreplace")
+                    return self.stream.write(text)
+                except (AttributeError, OSError) as again:  # no reconfigure; or see below
+                    self._lose(again)
+            except OSError as e:
+                self._lose(e)
+        return len(text)
+
+    def flush(self):
+        if not self.lost:
+            try:
+                self.stream.flush()
+            except OSError as e:
+                self._lose(e)
+
+    def _lose(self, e):
+        self.failed, self.lost = self.failed or e, True
+        # Python flushes stdout again at exit (a second error, and exit code 120): into nothing
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def problem(self):
+        """The one line run_main reports."""
+        e, done = self.failed, "the command ran to the end and its files are written"
+        if isinstance(e, UnicodeEncodeError):
+            shown = "what it printed is lost" if self.lost else "it was printed escaped"
+            return (f"stdout's encoding {e.encoding} cannot show {ascii(e.object[e.start:e.end])} "
+                    f"({shown}): set PYTHONIOENCODING=utf-8 to see it; {done}")
+        return f"cannot print to stdout ({e.strerror or e}): what it printed is lost, but {done}"
+
+    def __getattr__(self, name):  # encoding, isatty, fileno, ...: those of the stream
+        return getattr(self.stream, name)
 
 
 def get_device(name=None):
@@ -1209,23 +1274,55 @@ def stage_module(name):
 # ----------------------------------------------------------------------------------
 # 7. Checkpoints: written whole or not at all, and loaded with the record of what made them
 
+def open_regular(path, hint):
+    """open(path, "rb"), refusing in one line (ending in `hint`) anything that is not a regular
+    file: reading a FIFO waits for a writer forever, and a folder or device is never meant."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device")
+        raise UserError(f"{path} is {kind}, not a file: {hint}")
+    os.set_blocking(fd, True)
+    return open(fd, "rb")
+
+
+def content_id(data):
+    """A short hash of bytes: identifies the exact upstream checkpoint a stage was built on."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def file_id(path):
-    """A short content hash: identifies the exact upstream checkpoint a stage was built on."""
+    """content_id of a file's content, read in chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, "pass a file") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
 
 
+# The writer's temporary files: TEMP<pid>.<name> beside the file (a rename is atomic only within
+# one file system). The prefix is this project's own, so that remove_stale_temp_files removes
+# only what a killed run of ours left, never a file of the user's that merely looks temporary.
+TEMP = ".syntrans-tmp"
+
+
+def temp_path(path):
+    """Where `path` is written before it is renamed into place."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f"{TEMP}{os.getpid()}.{name}")
+
+
 def write_files(files):
     """Write {path: bytes} as one step: each file to a temporary file, then all renamed. A
-    crash never leaves half a file; a failed write (disk full, read-only folder) changes
-    none of them, leaves no temporary file and is one line. Several files (02_semantics.pt
-    and 02_descriptions.json, results.json and results.md) always describe the same run:
-    Ctrl-C and SIGTERM wait until all are renamed, and another run's renames until ours are done."""
-    tmps = {path: f"{path}.tmp{os.getpid()}" for path in files}
-    path = None
+    crash never leaves half a file; a failed write (disk full, read-only folder, a folder of
+    that name) changes none of them, leaves no temporary file and is one line. Several files
+    (02_semantics.pt and 02_descriptions.json, results.json and results.md) always describe
+    the same run: every target is checked before the first rename, Ctrl-C and SIGTERM wait
+    until all are renamed, and another run's renames until ours are done."""
+    tmps = {path: temp_path(path) for path in files}
+    path, done = None, []
     try:
         for path, data in files.items():
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1233,16 +1330,22 @@ def write_files(files):
                 f.write(data)
         path = None
         with _one_step(files):
+            for path in files:  # what would refuse a rename, before the first one
+                if os.path.isdir(path) and not os.path.islink(path):
+                    raise IsADirectoryError(errno.EISDIR, "a folder has that name (move it away)")
             for path in files:
                 os.replace(tmps[path], path)
+                done.append(path)
     except BaseException as e:  # Ctrl-C included: no temp file is left behind
         for tmp in tmps.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
         if isinstance(e, OSError):
             full = " (the disk is full: free some space)" if e.errno == errno.ENOSPC else ""
+            kept = (f"only {', '.join(done)} was replaced: rerun the command" if done
+                    else "nothing was changed there")
             raise UserError(f"cannot write {path or ', '.join(files)}: {e.strerror or e}{full}; "
-                            f"nothing was changed there") from None
+                            f"{kept}") from None
         raise
 
 
@@ -1296,11 +1399,18 @@ def save_checkpoint(path, stage, config, dataset, classes, state, upstream=None,
 
 
 def load_checkpoint(path, stage, hint):
-    """Load a checkpoint written by `stage`; `hint` says how to make it when missing."""
+    """Load a checkpoint written by `stage`; `hint` says how to make it when missing. Its
+    bytes are read once: the id recorded downstream is that of the content loaded, even when
+    the file is replaced meanwhile. A record that this code cannot read (another format or
+    stage, a hand-edited structure, NaN or infinite values) is refused in one line."""
     if not os.path.exists(path):
         raise UserError(f"{path} not found: {hint}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular(path, hint) as f:
+            data = f.read()
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and {hint}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
@@ -1308,8 +1418,76 @@ def load_checkpoint(path, stage, hint):
         raise UserError(f"{path} has checkpoint format {found}, this code reads format {FORMAT_VERSION}: {hint}")
     if ckpt.get("stage") != stage:
         raise UserError(f"{path} was written by stage '{ckpt.get('stage')}', expected '{stage}': {hint}")
-    ckpt["id"], ckpt["path"] = file_id(path), path
+    problem = _record_problem(ckpt)
+    if problem:
+        raise UserError(f"{path} is not a checkpoint as {SCRIPTS.get(stage, 'this code')} writes "
+                        f"them ({problem}: edited by hand?); delete it and {hint}")
+    where = _not_finite(ckpt)
+    if where:
+        raise UserError(f"{path} holds NaN or infinite values ({where}): the stage that wrote it "
+                        f"went wrong; delete it and {hint}")
+    ckpt["id"], ckpt["path"], ckpt["hint"] = content_id(data), path, hint
     return ckpt
+
+
+def _record_problem(ckpt):
+    """What is wrong with the structure save_checkpoint gives every record ('' if nothing)."""
+    def texts(x):
+        return isinstance(x, list) and all(isinstance(s, str) for s in x)
+    teacher = ckpt.get("teacher")
+    checks = [
+        ("config is not a dict", isinstance(ckpt.get("config"), dict)),
+        ("dataset is not a name", isinstance(ckpt.get("dataset"), str)),
+        ("classes is not a list of names per split", isinstance(ckpt.get("classes"), dict)
+         and all(texts(v) for v in ckpt["classes"].values())),
+        ("state is not a dict of weights", isinstance(ckpt.get("state"), dict)),
+        ("upstream is not a dict of file ids", isinstance(ckpt.get("upstream"), dict)
+         and all(isinstance(v, str) for v in ckpt["upstream"].values())),
+        ("teacher is not a teacher's identity", teacher is None
+         or isinstance(teacher, dict) and isinstance(teacher.get("name"), str)),
+    ]
+    return next((what for what, ok in checks if not ok), "")
+
+
+def _not_finite(x, where=""):
+    """Where in a checkpoint's record (e.g. 'state.train') a float tensor holds a NaN or an
+    infinity, or '' (a NaN vector of stage 2 would otherwise surface in stage 3 as a loss
+    that 'became nan: lower --lr')."""
+    if isinstance(x, torch.Tensor):
+        return where if x.is_floating_point() and not bool(torch.isfinite(x).all()) else ""
+    items = (x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple))
+             else ())
+    for k, v in items:
+        found = _not_finite(v, f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return ""
+
+
+@contextlib.contextmanager
+def reading(ckpt):
+    """Build a model from a loaded checkpoint's record and load its weights inside
+    `with reading(ckpt):`: a file whose record lacks a key or whose weights have other names
+    or shapes (edited by hand, or written by an older version) stops the stage with one line
+    that names the file, not a traceback."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        why = " ".join(str(e).split())  # load_state_dict's message has one line per problem
+        why = why if len(why) <= 160 else why[:160] + "..."
+        hint = ckpt.get("hint", "rerun the stage that writes it")  # (set by load_checkpoint)
+        raise UserError(f"{ckpt.get('path', 'a checkpoint')} does not fit this code "
+                        f"({type(e).__name__}: {why}); delete it and {hint}") from None
+
+
+def load_weights(module, ckpt, *keys):
+    """module.load_state_dict(ckpt["state"][keys[0]][keys[1]]...), one line if it does not fit."""
+    with reading(ckpt):
+        state = ckpt["state"]
+        for k in keys:
+            state = state[k]
+        module.load_state_dict(state)
+    return module
 
 
 class Resume:
@@ -1333,21 +1511,30 @@ class Resume:
     def load(self, parts, config, dataset, classes, teacher, ignore=()):
         """Restore `parts` from the last epoch when resuming: (epoch, history, (best accuracy,
         best state)), or (0, [], (-1.0, None)) for a fresh start. The file must come from the
-        same dataset, teacher and flags (those in `ignore` may differ)."""
+        same dataset, teacher and flags (those in `ignore` may differ) and the same data:
+        config["data_id"], the data ids of the splits read, which another --data-root with
+        other images changes and the same folder by another path does not."""
         if not self.ready:
             if self.wanted:
                 print(f"no {self.path} to resume from: starting at epoch 1")
             return 0, [], (-1.0, None)
         ck = load_checkpoint(self.path, self.stage, "rerun without --resume")
         check_same_world(ck, self.path, dataset, classes, teacher)
+        if ck["config"].get("data_id") != config.get("data_id"):  # the images, not their path
+            raise UserError(f"{self.path} was made from other data than this run reads "
+                            f"(--data-root {config.get('data_root')} now, "
+                            f"{ck['config'].get('data_root')} then): resume with the data it was "
+                            f"made from, or start over without --resume")
         check_same_config(ck, self.path, config, ignore)
-        for name, part in parts.items():
-            part.load_state_dict(ck["state"][name])
-        torch.set_rng_state(ck["state"]["rng"])
-        if self.device.type == "cuda" and "cuda_rng" in ck["state"]:  # DropBlock draws on the GPU
-            torch.cuda.set_rng_state(ck["state"]["cuda_rng"], self.device)
-        print(f"resumed from {self.path} at epoch {ck['epoch']}")
-        return ck["epoch"], ck["history"], (ck["best_acc"], ck["state"]["best"])
+        with reading(ck):
+            for name, part in parts.items():
+                part.load_state_dict(ck["state"][name])
+            torch.set_rng_state(ck["state"]["rng"])
+            if self.device.type == "cuda" and "cuda_rng" in ck["state"]:  # DropBlock: on the GPU
+                torch.cuda.set_rng_state(ck["state"]["cuda_rng"], self.device)
+            epoch, history, best = ck["epoch"], ck["history"], (ck["best_acc"], ck["state"]["best"])
+        print(f"resumed from {self.path} at epoch {epoch}")
+        return epoch, history, best
 
     def save(self, parts, config, dataset, classes, teacher, epoch, history, best):
         """The checkpoint of a completed epoch (atomic: a kill never leaves half a file)."""
@@ -1400,9 +1587,10 @@ def check_output(path, stage):
     if not os.path.lexists(path):
         return
     try:
-        found = torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular(path, "") as f:  # (a FIFO would block torch.load forever)
+            found = torch.load(f, map_location="cpu", weights_only=True)
         found = found.get("stage") if isinstance(found, dict) else None
-    except Exception:
+    except Exception:  # not a file, not readable, not a checkpoint
         found = None
     if found != stage:
         what = f"a checkpoint of stage '{found}'" if found else "not a checkpoint"
@@ -1411,13 +1599,14 @@ def check_output(path, stage):
 
 
 def remove_stale_temp_files(run):
-    """Remove, and say so, the temporary files (NAME.tmpPID) that a killed run (SIGKILL, a
-    power cut) left in the run folder: those of a process that no longer exists."""
+    """Remove, and say so, the temporary files that a killed run (SIGKILL, a power cut) left
+    in the run folder: those named by temp_path (TEMP<pid>.<name>) whose process no longer
+    exists. Any other file is the user's, however temporary its name looks."""
     gone = []
     for folder in (run, os.path.join(run, "cache"), os.path.join(run, "cache", "llm")):
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            pid = name.rpartition(".tmp")[2]
-            if pid.isdigit() and not _alive(int(pid)):
+            pid, dot, rest = name[len(TEMP):].partition(".")
+            if name.startswith(TEMP) and pid.isdigit() and dot and rest and not _alive(int(pid)):
                 os.remove(os.path.join(folder, name))
                 gone.append(name)
     if gone:
@@ -1442,8 +1631,19 @@ def check_same_world(ckpt, path, dataset, classes=None, teacher=None):
     if classes is not None and ckpt["classes"] != classes:
         raise UserError(f"{path} was built with other class names than dataset '{dataset}' has now: rerun that stage")
     if teacher is not None and not same_teacher(ckpt.get("teacher"), teacher):
+        advice = teacher_advice(ckpt.get("teacher"), teacher, "rerun that stage " + WITH_SAME)
         raise UserError(f"{path} was built with teacher {ckpt.get('teacher')}, not {teacher}: "
-                        f"{teacher_advice(ckpt.get('teacher'), teacher, 'rerun that stage')}")
+                        f"{advice}")
+
+
+def check_teacher_flags(ckpt, teacher):
+    """Refuse --clip/--clip-pretrained that name another teacher (identity `teacher`) than
+    the one `ckpt` was made with (stage 5 scores the teacher's image features against the
+    semantic vectors it mined); a checkpoint that records none fits any."""
+    made = ckpt.get("teacher")
+    if made is not None and not same_teacher(made, teacher):
+        advice = teacher_advice(made, teacher, "pass the same --clip/--clip-pretrained")
+        raise UserError(f"{ckpt['path']} was made with teacher {made}, not {teacher}: {advice}")
 
 
 def check_same_teacher(ckpts):
@@ -1454,7 +1654,7 @@ def check_same_teacher(ckpts):
         if not same_teacher(t, made[0][1]):
             who = [" ".join(str(x[k]) for k in ("name", "pretrained", "file_id") if x.get(k)) for x in (made[0][1], t)]
             raise UserError(f"{made[0][0]} was made with teacher {who[0]} but {p} with {who[1]}: "
-                            f"{teacher_advice(made[0][1], t, 'rerun the stages')}")
+                            f"{teacher_advice(made[0][1], t, 'rerun the stages ' + WITH_SAME)}")
 
 
 def same_teacher(a, b):
@@ -1469,16 +1669,21 @@ def same_teacher(a, b):
     return a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained")
 
 
-def teacher_advice(a, b, rerun):
+WITH_SAME = "with the same --clip/--clip-pretrained"
+
+
+def teacher_advice(a, b, otherwise):
     """What to do about two teachers that differ: the same flags with other file content
-    means the weights file itself was replaced since (e.g. in $SYNTRANS_CACHE)."""
+    means the weights file itself was replaced since (e.g. in $SYNTRANS_CACHE), and no flag
+    brings the old one back; else `otherwise` (e.g. "rerun that stage " + WITH_SAME)."""
     if a and b and a["name"] == b["name"] and a.get("pretrained") == b.get("pretrained"):
-        return f"the teacher file {a.get('pretrained')} has other content now: rerun the stages from 01_distill.py"
-    return f"{rerun} with the same --clip/--clip-pretrained"
+        return (f"the teacher file {a.get('pretrained')} has other content now: rerun the stages "
+                f"from 01_distill.py")
+    return otherwise
 
 
-SCRIPTS = {"distill": "01_distill.py", "mine": "02_mine.py", "bridge": "03_bridge.py",
-           "classifier": "04_classifier.py"}  # stage -> the script that writes its checkpoints
+SCRIPTS = {"distill": "01_distill.py", "distill-last": "01_distill.py", "mine": "02_mine.py",
+           "bridge": "03_bridge.py", "classifier": "04_classifier.py"}  # stage -> its script
 
 
 def load_upstream(args, files, classes, optional=(), built_on=None):

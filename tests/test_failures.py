@@ -714,7 +714,7 @@ def test_a_failed_second_file_leaves_both_as_they_were(tmp_path, monkeypatch):
     real = open
 
     def fake_open(path, mode="r", *args, **kw):
-        if path.startswith(b):
+        if path.endswith("02_descriptions.json"):  # its temporary file
             raise OSError(28, "No space left on device")
         return real(path, mode, *args, **kw)
     monkeypatch.setattr(common, "open", fake_open, raising=False)
@@ -727,9 +727,11 @@ def test_a_failed_second_file_leaves_both_as_they_were(tmp_path, monkeypatch):
 def test_temporary_files_of_a_killed_run_are_removed_and_said(tmp_path, capsys):
     (tmp_path / "cache").mkdir()
     dead = 4194305  # above Linux's largest pid: no such process
-    left = [tmp_path / f"01_student.pt.tmp{dead}", tmp_path / "cache" / f"student-test-ab.pt.tmp{dead}"]
-    for f in left + [tmp_path / f"02_semantics.pt.tmp{os.getpid()}"]:  # the last one: a live writer's
+    left = [tmp_path / f".syntrans-tmp{dead}.01_student.pt",
+            tmp_path / "cache" / f".syntrans-tmp{dead}.student-ab.pt"]
+    live = tmp_path / f".syntrans-tmp{os.getpid()}.02_semantics.pt"  # a live writer's
+    for f in left + [live]:
         f.write_bytes(b"half")
     common.start(common.parser(None), ["--run", str(tmp_path)])  # as every stage starts
-    assert not any(f.exists() for f in left) and (tmp_path / f"02_semantics.pt.tmp{os.getpid()}").exists()
+    assert not any(f.exists() for f in left) and live.exists()
     assert f"removed 2 temporary file(s) that a killed run left in {tmp_path}" in capsys.readouterr().out
