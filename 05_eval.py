@@ -274,10 +274,7 @@ def student_feats(run, ck, split, device):
 
 def teacher_feats(args, semantics_ck, split, device):
     tid = common.check_teacher(args)  # its identity: the teacher is built only if not cached
-    mined = semantics_ck.get("teacher")
-    if mined is not None and not common.same_teacher(mined, tid):
-        raise common.UserError(f"{common.SEMANTICS} was mined with teacher {mined}, not {tid}: "
-                               f"pass the same --clip/--clip-pretrained")
+    common.check_teacher_flags(semantics_ck, tid)  # the vectors were mined with this teacher
     teacher = lambda: common.load_teacher(args.clip, args.clip_pretrained, device)[:2]  # noqa: E731
     return common.teacher_image_features(args.run, teacher, None, tid, split, device).to(device)
 
@@ -312,8 +309,7 @@ def trained_classifier(run, name, c, bridge_ck, sem, split_name, device):
         raise common.UserError(f"{os.path.join(run, FILES[name].name)} does not fit this code's "
                                f"classifier (an older version wrote it): rerun 04_classifier.py "
                                f"--run {run}")
-    b = Bridge.from_checkpoint(bridge_ck, device)
-    b.load_state_dict(c["state"]["bridge"])
+    b = common.load_weights(Bridge.from_checkpoint(bridge_ck, device), c, "bridge")
     if cfg.get("shuffle_semantics"):
         sem = sem[classifier_stage.shuffled_order(len(sem), cfg["seed"], split_name).to(device)]
     return {"model": m.eval(), "w": b.eval().to_visual(sem)}

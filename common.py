@@ -335,7 +335,6 @@ def _toy(name, split, root, size=None, seed=0):
 # (val features once came from the test split's store). While a store is written it is a
 # temporary file named like the checkpoint writer's, whose process holds a lock on it.
 
-STORE_TEMP = ".syntrans-tmp"  # the prefix of this project's temporary files (TEMP<pid>.<name>)
 STORE_ROWS = 16               # rows hashed into the record (hashing all would take minutes)
 
 
@@ -346,7 +345,7 @@ def image_store(key, shape, fill):
     A store that is not the one its record describes is built again (and says so)."""
     folder = os.path.join(cache_dir(), "images")
     path = os.path.join(folder, f"{key}.npy")
-    remove_dead_store_temps(folder)
+    remove_stale_temp_files([folder], folder, writers_lock=True)
     wrong = None
     if os.path.exists(path):
         images, wrong = open_store(path, key, shape)
@@ -405,7 +404,7 @@ def write_store(path, key, shape, fill, remove_first=False):
     `remove_first`: the store there was found wrong, and its space may be needed."""
     import fcntl
     cache_folder("images")
-    tmp = store_temp_path(path)
+    tmp = temp_path(path)
     try:
         if remove_first:
             with contextlib.suppress(FileNotFoundError):
@@ -449,38 +448,6 @@ def reserve(f, size):
     for left in range(size - f.tell(), 0, -(1 << 24)):
         f.write(bytes(min(left, 1 << 24)))
     f.flush()
-
-
-def store_temp_path(path):
-    """The temporary file a store is written to: TEMP<pid>.<name> beside it (the name the
-    checkpoint writer gives its temporary files, so that one rule finds what a killed run left)."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f"{STORE_TEMP}{os.getpid()}.{name}")
-
-
-def remove_dead_store_temps(folder):
-    """Remove, and say so, the temporary files (store_temp_path's) that a killed writer (kill -9,
-    the OOM killer, a power cut) left in `folder`: each as big as its store, and no run would
-    ever use them. A writer is dead when no process here has its pid (or it is ours: in a
-    container every run may have the same pid) and no process holds its lock (a writer on
-    another machine that shares the cache, whose pid means nothing here)."""
-    gone = []
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError:  # none yet, or unreadable (which writing there will say)
-        names = []
-    for name in names:
-        pid, dot, rest = name[len(STORE_TEMP):].partition(".")
-        if not (name.startswith(STORE_TEMP) and pid.isdigit() and dot and rest):
-            continue  # not ours: the user's, however temporary its name looks
-        tmp = os.path.join(folder, name)
-        if (int(pid) == os.getpid() or not _alive(int(pid))) and not _locked(tmp):
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-                gone.append(name)
-    if gone:
-        print(f"removed {len(gone)} temporary file(s) that a killed run left in {folder} "
-              f"({', '.join(gone[:3])})")
 
 
 def _locked(path):
@@ -1226,7 +1193,8 @@ def start(p, argv, stage=None, out=None):
     check_run_folder(args.run)
     if stage is not None:
         check_output(os.path.join(args.run, args.out), stage)
-    remove_stale_temp_files(args.run)
+    cache = os.path.join(args.run, "cache")
+    remove_stale_temp_files([args.run, cache, os.path.join(cache, "llm")], args.run)
     device = get_device(args.device)
     set_seed(args.seed)
     return args, device
@@ -1598,19 +1566,32 @@ def check_output(path, stage):
                         f"choose another --out, or delete the file first")
 
 
-def remove_stale_temp_files(run):
-    """Remove, and say so, the temporary files that a killed run (SIGKILL, a power cut) left
-    in the run folder: those named by temp_path (TEMP<pid>.<name>) whose process no longer
-    exists. Any other file is the user's, however temporary its name looks."""
+def remove_stale_temp_files(folders, where, writers_lock=False):
+    """Remove, and say so, the temporary files that a killed run (kill -9, the OOM killer, a
+    power cut) left in `folders`: those named by temp_path (TEMP<pid>.<name>) whose writer is
+    dead. Any other file is the user's, however temporary its name looks. A writer is dead when
+    no process here has its pid; with `writers_lock` (the image store, whose writer holds a lock
+    on its file), also when the pid is ours (in a container every run may have the same pid),
+    and never while a process holds the lock (a writer on another machine sharing the cache)."""
     gone = []
-    for folder in (run, os.path.join(run, "cache"), os.path.join(run, "cache", "llm")):
-        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+    for folder in folders:
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:  # none yet, or unreadable (which writing there will say)
+            names = []
+        for name in names:
             pid, dot, rest = name[len(TEMP):].partition(".")
-            if name.startswith(TEMP) and pid.isdigit() and dot and rest and not _alive(int(pid)):
-                os.remove(os.path.join(folder, name))
-                gone.append(name)
+            if not (name.startswith(TEMP) and pid.isdigit() and dot and rest):
+                continue
+            path = os.path.join(folder, name)
+            dead = not _alive(int(pid)) or (writers_lock and int(pid) == os.getpid())
+            if dead and not (writers_lock and _locked(path)):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+                    gone.append(name)
     if gone:
-        print(f"removed {len(gone)} temporary file(s) that a killed run left in {run} ({', '.join(gone[:3])})")
+        print(f"removed {len(gone)} temporary file(s) that a killed run left in {where} "
+              f"({', '.join(gone[:3])})")
 
 
 def _alive(pid):

@@ -311,8 +311,6 @@ def test_resume_refuses_another_data_root_with_other_data(tmp_path, capsys, monk
 # 6. python -OO; printing that fails after the work is done
 
 STAGES = ["01_distill.py", "02_mine.py", "03_bridge.py", "04_classifier.py", "05_eval.py"]
-MIGRATING = pytest.mark.xfail(strict=False, reason="passes once 02_mine.py and 05_eval.py use "
-                              "common.parser (issue 21, their helpers): it takes a None __doc__")
 
 
 # every stage's --help in one `python -OO` process (one import of torch, not five)
@@ -336,8 +334,7 @@ def help_OO():
     return proc.stdout, proc.stderr.splitlines()
 
 
-@pytest.mark.parametrize("script", [pytest.param(s, marks=MIGRATING)
-                                    if s in ("02_mine.py", "05_eval.py") else s for s in STAGES])
+@pytest.mark.parametrize("script", STAGES)
 def test_every_stage_runs_under_python_OO(help_OO, script):
     out, said = help_OO
     assert f"usage: {script} " in out and f"{script}: exit 0" in said, said
@@ -408,8 +405,6 @@ def test_check_teacher_flags_names_a_teacher_file_with_other_content():
     assert str(e.value).endswith(": pass the same --clip/--clip-pretrained")
 
 
-@pytest.mark.xfail(strict=False, reason="passes once 05_eval.py's teacher check is "
-                   "common.check_teacher_flags (its helper: see the issue-22 notes)")
 def test_stage5_says_a_teacher_file_has_other_content_now(tiny_stage3_run, tmp_path, capsys):
     run = copy_run(tiny_stage3_run, tmp_path / "run")
     good = common.toy_teacher_file("toy-clip-tiny")
