@@ -81,7 +81,11 @@ def get_args():
     flag = common.flag
     flag(p, "--widths", default="16,32,64,128", help="ResNet-12 widths (standard: 64,160,320,640)")
     flag(p, "--drop-rate", type=float, default=0.0, within="[0, 1)",
-         help="DropBlock rate of the last two blocks")
+         help="DropBlock rate of the last two blocks (dropout of the first two)")
+    flag(p, "--block-size", type=int, default=None, within="[1, inf)",
+         help="DropBlock block size (default MetaOptNet's: 5 at 84 px, 2 at 32 px)")
+    flag(p, "--drop-warmup", type=float, default=2 / 3, within="[0, 1]",
+         help="the DropBlock rate grows linearly from 0 over this fraction of the steps")
     flag(p, "--epochs", type=int, default=30, within="[1, inf)", help="training epochs")
     flag(p, "--batch-size", type=int, default=128, within="[1, inf)", help="images per step")
     flag(p, "--lr", type=float, default=0.05, within="(0, inf)",
@@ -100,6 +104,7 @@ def get_args():
     flag(p, "--resume", action="store_true", help="continue from <out>.last.pt in the run folder")
     flag(p, "--workers", type=int, default=0, within="[0, inf)",
          help="DataLoader workers (file-based datasets)")
+    common.amp_flag(p)
     return p
 
 
@@ -116,6 +121,7 @@ def main(argv=None):
     train = common.load_split(args.dataset, "train", args.data_root, args.image_size)
     val = common.load_split(args.dataset, "val", args.data_root, args.image_size)
     classes = common.class_names(args.dataset, args.data_root)
+    args.block_size = args.block_size or common.dropblock_size(train.size)
     _, val_episodes = common.val_episodes(val, 1, args.val_episodes, args.seed)
     if args.batch_size > len(train):
         raise common.UserError(f"--batch-size {args.batch_size} is more than the {len(train)} "
@@ -132,9 +138,10 @@ def main(argv=None):
         t_emb = common.teacher_image_features(args.run, teacher, preprocess, teacher_id, train,
                                               device)
         del teacher  # frozen and no longer needed: the proxy task only reads its embeddings
+        t_emb = t_emb.to(device)  # once: a copy per step would wait for the GPU
 
     # ---- the student f, the CE head W and the projection head p
-    student = common.ResNet12(tuple(widths), drop_rate=args.drop_rate).to(device)
+    student = common.ResNet12(tuple(widths), args.drop_rate, args.block_size).to(device)
     ce_head = nn.Linear(student.out_dim, len(train.classes)).to(device)
     emb_dim = t_emb.shape[1] if t_emb is not None else student.out_dim
     proj = nn.Sequential(nn.Linear(student.out_dim, student.out_dim), nn.ReLU(),
@@ -151,34 +158,44 @@ def main(argv=None):
 
     from tqdm import tqdm
     t0, last_finite, seen = time.time(), None, 0
+    log = common.Log(args.run, args.out, append=start_epoch > 0)
+    watch = common.LossWatch(kept=resume.kept, log=log)  # the NaN check, every 50 steps
+    steps = len(train) // args.batch_size
+    # Each epoch shuffles with a seed of its own, so a resumed run sees the same batches.
+    data = common.EpochLoader(common.StudentImages(train), args.batch_size, args.workers, device,
+                              lambda epoch: args.seed * 1000 + epoch)
     for epoch in range(start_epoch, args.epochs):
         student.train(), ce_head.train(), proj.train()
-        # Each epoch shuffles with a seed of its own, so a resumed run sees the same batches.
-        order = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        loader = torch.utils.data.DataLoader(
-            common.StudentImages(train), batch_size=args.batch_size, shuffle=True, drop_last=True,
-            num_workers=args.workers, generator=order)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        bar = tqdm(data.epoch(epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         for b, (images, y, idx) in enumerate(bar):
-            x = common.to_student_input(augment(images), device)
-            y = y.to(device)
-            feat = student(x)
-            loss = F.cross_entropy(ce_head(feat), y)
-            if args.distill_weight > 0:
-                loss_kd = info_nce(proj(feat), t_emb[idx].to(device), args.temperature)
-                loss = loss + args.distill_weight * loss_kd
-            last_finite = common.check_finite(loss, f"epoch {epoch + 1} step {b + 1}", last_finite,
-                                              kept=resume.kept())
+            common.warm_up_dropblock(student, args.drop_rate, epoch * steps + b,
+                                     args.drop_warmup * args.epochs * steps)
+            # augmentation on the device, after the copy (uint8: a quarter of float's bytes)
+            x = common.to_student_input(augment(images.to(device, non_blocking=True)), device)
+            y = y.to(device, non_blocking=True)
+            with common.autocast(device, args.amp):  # bf16 on a GPU (--amp); off on a CPU
+                feat = student(x)
+                loss = F.cross_entropy(ce_head(feat), y)
+                if args.distill_weight > 0:
+                    loss_kd = info_nce(proj(feat), t_emb[idx.to(device, non_blocking=True)],
+                                       args.temperature)
+                    loss = loss + args.distill_weight * loss_kd
+            watch.step(loss, f"epoch {epoch + 1} step {b + 1}", bar, epoch=epoch + 1,
+                       step=epoch * steps + b + 1, lr=sched.get_last_lr()[0],
+                       images=seen + len(idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             seen += len(idx)
-            bar.set_postfix(loss=f"{last_finite:.3f}")
+        last_finite = watch.flush(bar)  # the epoch's last losses, checked
 
         # ---- validation on the fixed val episodes; keep the best epoch
         if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
-            acc = validate(student, val, val_episodes, device)
+            with common.autocast(device, args.amp):
+                acc = validate(student, val, val_episodes, device)
+            log.write(epoch=epoch + 1, step=(epoch + 1) * steps, loss=last_finite, val_1shot=acc,
+                      images=seen)
             history.append({"epoch": epoch + 1, "loss": last_finite, "val_1shot": acc})
             if acc > best[0]:  # the student and its heads, all from the best epoch
                 best = (acc, {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}

@@ -450,6 +450,9 @@ def main(argv=None):
                            sources=[x["name"] for x in sources],
                            failures={src: len(f) for src, f in failures.items()},
                            together={json_path: json.dumps(doc, ensure_ascii=False, indent=1)})
+    common.Log(args.run, args.out).write(classes={s: len(v) for s, v in state.items()},
+                                         failures={s: len(f) for s, f in failures.items()},
+                                         stage_seconds=round(time.time() - t0, 2))
     print(f"wrote {out_path} ({', '.join(f'{s} {tuple(state[s].shape)}' for s in common.SPLITS)}) "
           f"and {json_path} ({time.time() - t0:.0f}s)")
 

@@ -108,6 +108,7 @@ def fit(args, f_train, y_train, t_train, centres, val_eps, device, desc):
     weights = {"cls": args.w_cls, "centre": args.w_centre, "sem": args.w_sem,
                "cyc_s": args.w_cyc_s, "cyc_v": args.w_cyc_v}
     best, history, last_finite = ((-1.0, -1.0), None), [], None
+    watch = common.LossWatch()  # the NaN check, without a host sync per step
     bar = tqdm(range(args.epochs), desc=desc)
     for epoch in bar:
         bridge.train()
@@ -124,11 +125,14 @@ def fit(args, f_train, y_train, t_train, centres, val_eps, device, desc):
                 "cyc_v": cos_loss(bridge.to_visual(bridge.to_semantic(centres)), centres),
             }
             loss = sum(weights[k] * v for k, v in terms.items())
-            last_finite = common.check_finite(loss, f"epoch {epoch + 1} ({desc})", last_finite)
+            watch.step(loss, f"epoch {epoch + 1} ({desc})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        last_finite = watch.flush()
         zero, mixed = evaluate(bridge, *val_eps, args.mix)
+        common.log(args, phase=desc, epoch=epoch + 1, loss=last_finite, val_zero_shot=zero,
+                   val_1shot_mix=mixed, lr=args.lr, images=(epoch + 1) * len(f_train))
         history.append({"epoch": epoch + 1, "loss": last_finite, "val_zero_shot": zero,
                         "val_1shot_mix": mixed})
         if (mixed, zero) > best[0]:  # ties on the mix are broken by zero-shot accuracy
@@ -207,6 +211,7 @@ def main(argv=None):
     t_train, centres = t_train.to(device), centres.to(device)
     val_eps = (f_val.to(device), t_val.to(device), val_cls, val_idx)
     t0 = time.time()
+    common.Log(args.run, args.out)  # <run>/03_bridge_log.jsonl: fit() writes an epoch a line
     bridge, history, best = fit(args, f_train, y_train, t_train, centres, val_eps, device, "bridge")
 
     # ---- cross-fitting: out-of-fold semantic weights for the base classes (used by stage 4)

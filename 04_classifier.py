@@ -230,6 +230,8 @@ def main(argv=None):
     # ---- meta-training: one batch of episodes per step, the shot count alternating
     from tqdm import tqdm
     t0, best, history, last_finite = time.time(), (-1.0, None), [], None
+    log = common.Log(args.run, args.out)
+    watch = common.LossWatch(log=log)  # the NaN check, without a host sync per step
     target = torch.arange(args.n_way, device=device).view(1, -1, 1).expand(
         args.episodes_per_step, -1, args.n_query)
     bar = tqdm(range(args.steps), desc="meta-train")
@@ -244,17 +246,19 @@ def main(argv=None):
         # the reconstruction term: the full-data weight of base classes is known
         loss_rec = (1 - F.cosine_similarity(w_s, centres[cls], dim=-1)).mean()
         loss = loss_q + args.w_rec * loss_rec
-        last_finite = common.check_finite(loss, f"step {step}", last_finite)
+        watch.step(loss, f"step {step}", step=step + 1, lr=sched.get_last_lr()[0])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
+            last_finite = watch.flush()
             v = validate()
             mean_acc = sum(a for a, _ in v.values()) / len(v)
             history.append({"step": step + 1, "loss": last_finite,
                             **{f"val_{k}shot": a for k, (a, _) in v.items()},
                             **{f"gate_{k}shot": g for k, (_, g) in v.items()}})
+            log.write(**history[-1], lr=sched.get_last_lr()[0])
             if mean_acc > best[0]:
                 best = (mean_acc, {"model": copy.deepcopy(model.state_dict()),
                                    "bridge": copy.deepcopy(bridge.state_dict())})

@@ -185,6 +185,7 @@ def main(argv=None):
     classes = common.class_names(args.dataset, args.data_root)
     run, split_name = args.run, args.split
     t0 = time.time()
+    log = common.Log(run, "results" if split_name == "test" else "results_val")
 
     # ---- checkpoints (all but the distilled student are optional), checked against each other
     ck = common.load_upstream(args, {key: (f.stage, f.name) for key, f in FILES.items()}, classes,
@@ -205,6 +206,7 @@ def main(argv=None):
     if ck["semantics"] is not None:
         feats["teacher"] = teacher_feats(args, ck["semantics"], split, device)
     seconds_features = time.time() - t0
+    log.write(phase="features", images=len(split) * len(feats))
 
     # ---- what a row's function gets beyond features, by the last file it needs: the semantic
     #      vectors, h(t_c) and the fixed mix, a trained classifier and its h(t_c)
@@ -254,6 +256,7 @@ def main(argv=None):
            "fixed_fusion_mix": mix,
            "seconds": {"features": round(seconds_features, 2),
                        "episodes": round(seconds_episodes, 2)}}
+    log.write(phase="episodes", episodes=args.episodes * len(shots), rows=results)
     stem = os.path.join(run, "results" if split_name == "test" else "results_val")
     table = markdown(out, shots)
     common.write_files({stem + ".json": (json.dumps(out, indent=2) + "\n").encode(),

@@ -54,7 +54,9 @@ RESULTS = "results.json"            # (05_eval.py)
 #    three 3x3 convs, BN and LeakyReLU 0.1, each followed by a 2x2 max-pool)
 
 class DropBlock(nn.Module):
-    """DropBlock (Ghiasi et al. 2018): drops square blocks of a feature map while training."""
+    """DropBlock (Ghiasi et al. 2018): drops square blocks of a feature map while training.
+    `drop_rate` is the rate now (set_drop_rate warms it up); at a map no larger than the
+    block, a dropped block is the whole channel (MetaOptNet's block 4 at 84 px)."""
 
     def __init__(self, drop_rate, block_size):
         super().__init__()
@@ -73,14 +75,16 @@ class DropBlock(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c_in, c_out, drop_rate=0.0, block_size=1):
+    def __init__(self, c_in, c_out, drop_rate=0.0, block_size=1, dropblock=True):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
         self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
         self.conv3, self.bn3 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
         self.pool = nn.MaxPool2d(2)
-        self.drop = DropBlock(drop_rate, block_size)
+        # MetaOptNet: DropBlock after blocks 3 and 4, plain dropout at the same rate after 1 and 2
+        self.drop = (DropBlock(drop_rate, block_size) if dropblock
+                     else nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity())
 
     def forward(self, x):
         out = F.leaky_relu(self.bn1(self.conv1(x)), 0.1)
@@ -93,20 +97,39 @@ class Block(nn.Module):
 class ResNet12(nn.Module):
     """ResNet-12: widths 64-160-320-640 by default (a 640-d feature after global
     average pooling). The toy world uses a narrower one (16-32-64-128) to train on a
-    CPU. DropBlock (used in few-shot ResNet-12s since MetaOptNet, Lee et al. 2019)
-    acts on the last two blocks, with our own settings: single positions (block size
-    1) after block 3, 5x5 blocks (clipped to the map) after block 4, at a constant
-    rate with no warm-up schedule."""
+    CPU. Regularised as in MetaOptNet (Lee et al. 2019), whose ResNet-12 few-shot work
+    since has used: DropBlock with `block_size` (5 at 84 px, 2 at 32 px) after blocks 3 and 4,
+    dropout after blocks 1 and 2, all at `drop_rate`; stage 1 warms the DropBlock rate up
+    linearly (set_drop_rate). drop_rate 0 (the toy default) leaves every layer out."""
 
     def __init__(self, widths=(64, 160, 320, 640), drop_rate=0.0, block_size=5):
         super().__init__()
         c = [3, *widths]
         self.blocks = nn.Sequential(*[
-            Block(c[i], c[i + 1], drop_rate if i >= 2 else 0.0, block_size if i == 3 else 1) for i in range(4)])
+            Block(c[i], c[i + 1], drop_rate, block_size, dropblock=i >= 2) for i in range(4)])
         self.out_dim = widths[-1]
 
     def forward(self, x):
         return self.blocks(x).mean(dim=(2, 3))
+
+
+def dropblock_size(image_size):
+    """MetaOptNet's block size: 5 for its 84-px datasets, 2 for its 32-px ones (CIFAR-FS, FC100)."""
+    return 5 if image_size >= 84 else 2
+
+
+def warm_up_dropblock(model, rate, step, warmup_steps):
+    """MetaOptNet's linear warm-up: the DropBlock rate grows from 0 to `rate` over
+    `warmup_steps` steps, then stays (its 40,000 of 60,000 batches: our default 2/3)."""
+    if rate > 0:
+        set_drop_rate(model, rate * min(1.0, step / warmup_steps) if warmup_steps > 0 else rate)
+
+
+def set_drop_rate(model, rate):
+    """Set the rate of every DropBlock of `model` (the warm-up of stage 1; dropout stays)."""
+    for m in model.modules():
+        if isinstance(m, DropBlock):
+            m.drop_rate = rate
 
 
 def load_student(ckpt, device):
@@ -123,7 +146,9 @@ IMAGE_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 def to_student_input(images_uint8, device):
     """uint8 [B,3,H,W] -> normalised float on `device` (the student's preprocessing)."""
     x = images_uint8.to(device, non_blocking=True).float().div_(255)
-    return (x - IMAGE_MEAN.to(device)) / IMAGE_STD.to(device)
+    x = (x - IMAGE_MEAN.to(device)) / IMAGE_STD.to(device)
+    # on a GPU, channels_last: cuDNN's NHWC kernels (and tensor cores under bf16); same values
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
 # ----------------------------------------------------------------------------------
@@ -136,11 +161,9 @@ def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, seed):
     are the support images of class classes[e, c], the rest its queries (disjoint).
     The same seed always gives the same episodes, so every method is scored on the
     same ones."""
-    labels = torch.as_tensor(labels)
-    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    n_classes, per_class = class_index(torch.as_tensor(labels))
     if n_classes < n_way:
         raise ValueError(f"{n_way}-way episodes need {n_way} classes; this split has {n_classes}")
-    per_class = [torch.nonzero(labels == c).flatten() for c in range(n_classes)]
     short = [c for c, idx in enumerate(per_class) if len(idx) < k_shot + n_query]
     if short:
         raise ValueError(f"{k_shot}-shot episodes with {n_query} queries need {k_shot + n_query} images per class; "
@@ -150,6 +173,27 @@ def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, seed):
     index = torch.stack([torch.stack([per_class[c][torch.randperm(len(per_class[c]), generator=g)[:k_shot + n_query]]
                                       for c in ep.tolist()]) for ep in classes])
     return classes, index
+
+
+_CLASS_INDEX = {}  # id(labels) -> (weak reference, version, n_classes, per-class index lists)
+
+
+def class_index(labels):
+    """(n_classes, [indices of class c for each c]) of a labels tensor, computed once per tensor
+    (a split's labels): stage 4 samples episodes every step, and rebuilding the lists costs
+    N x C comparisons (157M for tiered-ImageNet). Recomputed if the tensor is changed in place."""
+    import weakref
+    hit = _CLASS_INDEX.get(id(labels))
+    if hit and hit[0]() is labels and hit[1] == labels._version:
+        return hit[2], hit[3]
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    order = torch.argsort(labels, stable=True)  # one sort, not one comparison per class
+    counts = torch.bincount(labels, minlength=n_classes).tolist() if n_classes else []
+    per_class = list(order.split(counts)) if n_classes else []
+    key = id(labels)
+    ref = weakref.ref(labels, lambda _, key=key: _CLASS_INDEX.pop(key, None))
+    _CLASS_INDEX[key] = (ref, labels._version, n_classes, per_class)
+    return n_classes, per_class
 
 
 def parse_list(text, flag, kind=int, what="numbers", example="1,5", n=None, low=None):
@@ -486,12 +530,60 @@ def decode_once(split, workers=None):
 def files_id(paths, *extra):
     """A short hash of a file list (paths, sizes, modification times) and `extra`: another copy
     of a dataset, or the same one changed, gets another id (without reading every file).
-    Every loader makes its file list with it, so each file is vetted here (data_file)."""
+    Every loader makes its file list with it, so each file is vetted here (data_file).
+    Computed once per split and cached (files_id_cached): tiered-ImageNet has 779k files."""
+    return files_id_cached(paths, extra, lambda: _files_id(paths, *extra))
+
+
+def _files_id(paths, *extra):
     h = hashlib.sha256(repr(extra).encode())
     for path in paths:
         st = data_file(path)
         h.update(f"{os.path.abspath(path)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+_FILES_IDS = {}  # this process's ids: (list key, folder stamps) -> id
+
+
+def files_id_cached(paths, extra, compute):
+    """compute() (every file stat'ed and vetted) once per file list, then kept in this process
+    and in <cache>/files/<hash of the list>.json, keyed by the folders' own modification times
+    (one stat per class folder, not per file): adding, removing, renaming or replacing a file
+    changes its folder's time, so the list is vetted again. A file rewritten in place, which
+    leaves its folder alone, is not seen: delete <cache>/files/ after editing images in place.
+    A folder changed in the last 2 s is not trusted (its time may not have moved yet)."""
+    import time
+    paths = [os.path.abspath(p) for p in paths]
+    h = hashlib.sha256(repr(extra).encode())
+    for path in paths:
+        h.update(path.encode("utf-8", "surrogateescape") + b"\n")
+    key = h.hexdigest()[:24]
+    try:
+        stamps = {d: os.stat(d).st_mtime_ns for d in sorted({os.path.dirname(p) for p in paths})}
+    except OSError:
+        return compute()  # a folder gone: the full pass names the file
+    fresh = all(time.time_ns() - t > 2e9 for t in stamps.values())
+    memo = (key, tuple(stamps.items()))
+    if fresh and memo in _FILES_IDS:
+        return _FILES_IDS[memo]
+    path = os.path.join(cache_dir(), "files", f"{key}.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+        if fresh and rec["folders"] == {shown(d): t for d, t in stamps.items()}:
+            _FILES_IDS[memo] = rec["id"]
+            return rec["id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or unreadable: computed again
+    ident = compute()
+    if fresh:
+        _FILES_IDS[memo] = ident
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write_text(json.dumps({"id": ident, "folders": {shown(d): t for d, t in
+                                                                   stamps.items()}}), path)
+    return ident
 
 
 def shown(path):
@@ -1197,11 +1289,37 @@ def start(p, argv, stage=None, out=None):
     remove_stale_temp_files([args.run, cache, os.path.join(cache, "llm")], args.run)
     device = get_device(args.device)
     set_seed(args.seed)
+    gpu_settings(args, device)
     return args, device
+
+
+def gpu_settings(args, device):
+    """On CUDA: cuDNN picks its fastest convolution for our fixed shapes (cudnn.benchmark) and
+    --amp (when a stage has it) defaults to on; on a CPU nothing changes and --amp to off."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if getattr(args, "amp", False) is None:
+        args.amp = device.type == "cuda"
+
+
+def amp_flag(p):
+    """--amp / --no-amp: bf16 autocast of the student's forward pass (default: on for CUDA, off
+    on a CPU, where results stay bit-identical to the float32 code)."""
+    flag(p, "--amp", action=argparse.BooleanOptionalAction, default=None,
+         help="bf16 mixed precision (autocast); default on for CUDA, off on a CPU")
+
+
+def autocast(device, amp):
+    """The mixed-precision context of --amp: bf16 autocast on `device`, or nothing at all."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def check_range(name, value, interval):
     """`value` of flag `name` lies in `interval` ("[0, 1)": closed below, open above)."""
+    if value is None:  # a flag left at its default None (chosen later, e.g. --block-size)
+        return
     lo, hi = (float(x) for x in interval[1:-1].split(","))
     above = lo < value if interval[0] == "(" else lo <= value
     if not (above and (value < hi if interval[-1] == ")" else value <= hi)):
@@ -1219,6 +1337,136 @@ def check_finite(loss, where, last_finite=None, kept=None):
     kept = f"the last good epoch is kept in {kept}" if kept and os.path.exists(kept) \
         else "no checkpoint was written"
     raise UserError(f"loss became {value} at {where} (last finite loss {before}): lower --lr; {kept}")
+
+
+NAN_CHECK_EVERY = 50  # steps between two looks at the loss (each one waits for the GPU)
+
+
+class LossWatch:
+    """The NaN check without a host sync per step: step() keeps the loss on its device and
+    every `every` steps (and at flush(), the end of an epoch) one transfer reads them all;
+    the first that is not finite stops the stage with check_finite's one-line message, naming
+    its own step (`kept`: check_finite's, or a function giving it). On a GPU the host thus runs
+    up to `every` steps ahead (the optimiser steps a NaN takes change nothing kept: no
+    checkpoint is written before the look at the epoch's end). `log`: a Log that gets
+    one record per look (the mean loss since the last one, and `fields` of the last step)."""
+
+    def __init__(self, every=NAN_CHECK_EVERY, kept=None, log=None, last=None):
+        self.every, self.kept, self.log, self.last = every, kept, log, last
+        self.losses, self.wheres, self.fields = [], [], {}
+
+    def step(self, loss, where, bar=None, **fields):
+        self.losses.append(loss.detach().float())
+        self.wheres.append(where)
+        self.fields = fields
+        if len(self.losses) >= self.every:
+            self.flush(bar)
+
+    def flush(self, bar=None):
+        """Look at the losses kept since the last look; returns the last finite loss."""
+        if not self.losses:
+            return self.last
+        values = torch.stack(self.losses).tolist()  # the one sync
+        for value, where in zip(values, self.wheres):
+            kept = self.kept() if callable(self.kept) else self.kept
+            self.last = check_finite(torch.tensor(value), where, self.last, kept)
+        if self.log is not None and self.fields:
+            self.log.write(**self.fields, loss=sum(values) / len(values))
+        self.losses, self.wheres = [], []
+        if bar is not None:
+            bar.set_postfix(loss=f"{self.last:.3f}")
+        return self.last
+
+
+_LOGS = {}  # path -> the Log a stage opened, for log()
+
+
+class Log:
+    """<run>/<name>_log.jsonl, one JSON record a line, written (and flushed) as a stage trains:
+    `name` is the stage's output file without .pt (01_student, 04_classifier_shuffled, ...),
+    so the runs of one stage into one folder keep a log each. Every record gets `seconds`
+    since the log opened and, when it has `images` (images so far), `img_s`. A new run
+    starts the file again at its first record; append=True (a resumed run) adds to it.
+    plot.py draws them."""
+
+    def __init__(self, run, name, append=False):
+        import time
+        self.path = os.path.join(run, f"{os.path.splitext(os.path.basename(name))[0]}_log.jsonl")
+        self.t0, self.clock, self.mode = time.time(), time.time, "a" if append else "w"
+        _LOGS[self.path] = self
+
+    def write(self, **record):
+        seconds = self.clock() - self.t0
+        rec = {**record, "seconds": round(seconds, 3)}
+        if "images" in record:
+            rec["img_s"] = round(record["images"] / max(seconds, 1e-9), 1)
+        # the file is started by the first record: a stage stopped before it leaves none.
+        # A log that cannot be written (a full disk) does not stop training: the checkpoint
+        # that follows says so in one line, or is written.
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with open(self.path, self.mode, encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            self.mode = "a"
+        except OSError:
+            if self.mode == "w":  # not even the first record: leave no empty file
+                with contextlib.suppress(OSError):
+                    os.remove(self.path)
+
+
+def log(args, **record):
+    """One record into the Log the stage opened for args.out (nothing when none is open: a
+    test that calls a stage's function directly)."""
+    run, out = getattr(args, "run", None), getattr(args, "out", None)
+    name = out and f"{os.path.splitext(os.path.basename(out))[0]}_log.jsonl"
+    path = run and name and os.path.join(run, name)
+    if path in _LOGS:
+        _LOGS[path].write(**record)
+
+
+def read_log(path):
+    """The records of a log file (a line cut short by a killed run is left out)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """The batches of one epoch: a permutation seeded by `seed_fn(epoch)`, exactly the one a
+    DataLoader(shuffle=True, generator=Generator().manual_seed(seed_fn(epoch))) draws (its one
+    base-seed draw first), so one DataLoader with persistent workers serves every epoch."""
+
+    def __init__(self, n, batch_size, seed_fn):
+        self.n, self.batch_size, self.seed_fn, self.epoch = n, batch_size, seed_fn, 0
+
+    def __len__(self):
+        return self.n // self.batch_size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed_fn(self.epoch))
+        torch.empty((), dtype=torch.int64).random_(generator=g)  # DataLoader's base-seed draw
+        order = torch.randperm(self.n, generator=g).tolist()
+        for i in range(len(self)):
+            yield order[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+class EpochLoader:
+    """Stage 1's data: one DataLoader for all epochs (workers started once and kept, pinned
+    memory for a fast copy to the GPU), epoch(e) giving epoch e's shuffled, full batches."""
+
+    def __init__(self, dataset, batch_size, workers, device, seed_fn):
+        self.batches = EpochBatches(len(dataset), batch_size, seed_fn)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.batches, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+            generator=torch.Generator())  # its own: the global RNG is untouched
+
+    def epoch(self, e):
+        self.batches.epoch = e
+        return self.loader
 
 
 def cosine_schedule(opt, steps):

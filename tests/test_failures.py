@@ -404,7 +404,7 @@ def test_sigterm_mid_epoch_is_one_line_and_leaves_no_temporary_file(base_run, tm
     last = os.path.join(run, "01_student.last.pt")
     assert code == 143 and err == f"interrupted: the last completed epoch is kept in {last}: rerun the same " \
                                   f"command with --resume to continue\n", err
-    assert sorted(os.listdir(run)) == ["01_student.last.pt", "cache"]
+    assert sorted(os.listdir(run)) == ["01_student.last.pt", "01_student_log.jsonl", "cache"]  # + its log
 
 
 def test_sigint_mid_epoch_then_resume_gives_the_uninterrupted_result(base_run, tmp_path, capsys):
@@ -658,7 +658,8 @@ def test_the_resume_file_lies_beside_the_result_whatever_the_run_folder_is_calle
     run = copy_run(base_run, tmp_path / "my.pt.run")
     code, _, err = run_stage(capsys, "01_distill", "--run", run, *TINY01, "--epochs", "1")
     assert code == 0, err
-    assert sorted(os.listdir(run)) == ["01_student.last.pt", "01_student.pt", "cache"]
+    assert sorted(os.listdir(run)) == ["01_student.last.pt", "01_student.pt", "01_student_log.jsonl",
+                                       "cache"]
     assert sorted(os.listdir(tmp_path)) == ["my.pt.run"]
 
 
