@@ -541,26 +541,33 @@ def train_teacher(name, seed=0, batch_size=256, lr=3e-3, log=print):
 if __name__ == "__main__":
     import argparse
     import time
-    p = argparse.ArgumentParser(description="Render a 5-way 1-shot toy episode (support row + queries) to a PNG.")
+    p = argparse.ArgumentParser(
+        description="Render a 5-way 1-shot toy episode (support row + queries) to a PNG.")
     p.add_argument("--out", default="toy_episode.png", help="where to write the picture")
     p.add_argument("--seed", type=int, default=0, help="episode seed")
-    p.add_argument("--benchmark", type=int, default=2000, help="images to render for the speed figure (0: skip)")
+    p.add_argument("--benchmark", type=int, default=2000,
+                   help="images to render for the speed figure (0: skip)")
     args = p.parse_args()
     images, labels, names = build_split("toy", "test", 0)
     rng = np.random.default_rng(args.seed)
     classes = rng.permutation(len(names))[:5]
-    rows = [images[rng.permutation(torch.nonzero(labels == c).flatten().numpy())[:6]] for c in classes]
+    rows = [images[rng.permutation(torch.nonzero(labels == c).flatten().numpy())[:6]]
+            for c in classes]
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # 5 rows of 6 images
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).resize((grid.shape[2] * 3, grid.shape[1] * 3), Image.NEAREST).save(args.out)
-    print(f"wrote {args.out}: one row per class (first image = the support shot, the rest = queries):")
+    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    picture.resize((grid.shape[2] * 3, grid.shape[1] * 3), Image.NEAREST).save(args.out)
+    print(f"wrote {args.out}: one row per class (first image = the support shot, "
+          f"the rest = queries):")
     for c in classes:
         print(f"  {names[c]}")
     if args.benchmark:
-        items = [((i,), (COLOUR_NAMES[i % 8], PATTERN_NAMES[i % 5], SHAPE_NAMES[i % 7])) for i in range(args.benchmark)]
+        items = [((i,), (COLOUR_NAMES[i % 8], PATTERN_NAMES[i % 5], SHAPE_NAMES[i % 7]))
+                 for i in range(args.benchmark)]
         t = time.time()
         _render_chunk((items, "web", 1))
         one = args.benchmark / (time.time() - t)
         t = time.time()
         _render_many(items * 4, "web", 1)
         many = 4 * args.benchmark / (time.time() - t)
-        print(f"renderer: {one:.0f} images/s on one core, {many:.0f} images/s on {os.cpu_count()} cores")
+        print(f"renderer: {one:.0f} images/s on one core, "
+              f"{many:.0f} images/s on {os.cpu_count()} cores")
