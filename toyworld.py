@@ -299,12 +299,19 @@ def build_split(name, split, seed=0):
 
 def split_recipe(name, split, seed=0):
     """A short hash of everything build_split(name, split, seed) depends on (the renderer,
-    the classes, the sizes): the identity of a toy split's pixels without rendering them."""
+    the classes, the sizes): the identity of a toy split's pixels without rendering them.
+    It hashes the code's source and also what the split holds: its classes, each with the
+    global id that seeds its images, and its images per class (SCALES). So a partition
+    changed without a change of that source (a constant defined elsewhere, a wrapped or
+    patched make_classes) is a new image store and new feature caches, never a stale one."""
     import hashlib
     import inspect
     parts = [inspect.getsource(f) for f in (_polygon, _mask, _texture, render, _render_chunk, _render_many,
                                              build_split, make_classes)]
     parts += [repr((COLOURS, PATTERNS, SHAPES, RENDER, SIZE, SCALES[name], _STREAMS, name, split, seed))]
+    classes = make_classes(seed)
+    ids = {a: k for k, a in enumerate(sum(classes.values(), []))}  # as build_split numbers them
+    parts += [repr([(ids[a], a) for a in classes[split]])]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -483,7 +490,7 @@ def teacher_recipe(name):
     import hashlib
     import inspect
     parts = [inspect.getsource(f) for f in (_polygon, _mask, _texture, render, _render_chunk, caption,
-                                             build_web, train_teacher)]
+                                             build_web, train_teacher, _fit_teacher)]
     parts += [repr((COLOURS, PATTERNS, SHAPES, RENDER, SIZE, SCALES[name], _STREAMS))]
     with open(TEACHER_CONFIG, "rb") as f:
         parts.append(f.read().decode())
@@ -494,7 +501,18 @@ def train_teacher(name, seed=0, batch_size=256, lr=3e-3, log=print):
     """Train the stand-in CLIP for the toy world `name` and return it (the caller saves its
     state dict: an ordinary open_clip checkpoint file). Architecture: data/toy-clip.json,
     built by open_clip's own classes (ModifiedResNet image tower, transformer text
-    tower). Loss: the symmetric InfoNCE of CLIP."""
+    tower). Loss: the symmetric InfoNCE of CLIP.
+
+    The caller's torch RNG is left as it was: a stage seeds it, then loads the teacher, then
+    draws its student's weights and augmentations from it. Were training to move it, a
+    user's first run (which trains the teacher) would give other figures than every later
+    run (which finds it cached). (numpy's and Python's global RNGs are not used here.)"""
+    with torch.random.fork_rng(devices=[]):  # on the CPU: no CUDA RNG to save
+        return _fit_teacher(name, seed, batch_size, lr, log)
+
+
+def _fit_teacher(name, seed, batch_size, lr, log):
+    """train_teacher's training, seeded by `seed` alone."""
     import open_clip
     import torch.nn.functional as F
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD

@@ -1,5 +1,7 @@
-"""Tests of the offline toy world: its class splits and its deterministic renderer.
-(Render speed is a budget measured by a benchmark, not asserted here.)"""
+"""Tests of the offline toy world: its class splits, its deterministic renderer and the key
+of its image store. (Render speed is a budget measured by a benchmark, not asserted here.)"""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -48,3 +50,28 @@ def test_rendering_is_deterministic_in_the_seed():
     assert one.dtype == np.uint8 and one.shape == (toyworld.RENDER, toyworld.RENDER, 3)
     assert np.array_equal(one, toyworld.render(attrs, np.random.default_rng(5)))
     assert not np.array_equal(one, toyworld.render(attrs, np.random.default_rng(6)))
+
+
+def test_a_changed_class_partition_is_a_new_image_store(tmp_path, monkeypatch):
+    """The store is keyed on the classes it holds, not only on the source text that should
+    produce them: a wrapped make_classes has the same source (inspect follows the wrapper)
+    but returns another partition, and must not be served the old split's images."""
+    import functools
+    import common
+    monkeypatch.setenv("SYNTRANS_CACHE", str(tmp_path))
+    before = common.load_split("toy-tiny", "val")
+    real = toyworld.make_classes
+
+    @functools.wraps(real)
+    def swapped(seed=0, **kw):  # the first base and the first val class change places
+        c = real(seed, **kw)
+        return {"train": c["val"][:1] + c["train"][1:], "val": c["train"][:1] + c["val"][1:],
+                "test": c["test"]}
+    monkeypatch.setattr(toyworld, "make_classes", swapped)
+    after = common.load_split("toy-tiny", "val")
+    assert after.classes[0] != before.classes[0] and after.classes[1:] == before.classes[1:]
+    assert after.data_id != before.data_id  # the feature caches key on it too
+    assert len(os.listdir(tmp_path / "images")) == 2
+    images, labels, names = toyworld.build_split("toy-tiny", "val")
+    assert names == after.classes and torch.equal(after.images, images)
+    assert not torch.equal(after.images[labels == 0], before.images[labels == 0])
