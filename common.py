@@ -42,7 +42,8 @@ FORMAT_VERSION = 1  # bump when the checkpoint layout changes; older files are r
 
 # File names inside a run folder (`--run runs/toy`): every stage reads and writes there.
 STUDENT = "01_student.pt"           # distilled student (01_distill.py)
-STUDENT_CE = "01_student_ce.pt"     # CE-only student, the ablation baseline (01_distill.py --distill-weight 0)
+# CE-only student, the ablation baseline (01_distill.py --distill-weight 0)
+STUDENT_CE = "01_student_ce.pt"
 SEMANTICS = "02_semantics.pt"       # one semantic vector per class (02_mine.py)
 BRIDGE = "03_bridge.pt"             # (03_bridge.py)
 CLASSIFIER = "04_classifier.pt"     # (04_classifier.py)
@@ -69,7 +70,8 @@ class DropBlock(nn.Module):
         bs = min(self.block_size, h)
         # block centres are drawn only where a whole block fits, so that about drop_rate is dropped
         gamma = self.drop_rate / bs ** 2 * h ** 2 / (h - bs + 1) ** 2
-        seeds = (torch.rand(x.shape[0], x.shape[1], h - bs + 1, h - bs + 1, device=x.device) < gamma).float()
+        seeds = (torch.rand(x.shape[0], x.shape[1], h - bs + 1, h - bs + 1, device=x.device)
+                 < gamma).float()
         mask = 1 - F.max_pool2d(F.pad(seeds, [bs - 1] * 4), bs, stride=1)
         return x * mask * mask.numel() / mask.sum().clamp(min=1)
 
@@ -77,9 +79,12 @@ class DropBlock(nn.Module):
 class Block(nn.Module):
     def __init__(self, c_in, c_out, drop_rate=0.0, block_size=1, dropblock=True):
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
-        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
-        self.conv3, self.bn3 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+        self.conv1, self.bn1 = (nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                                nn.BatchNorm2d(c_out))
+        self.conv2, self.bn2 = (nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+                                nn.BatchNorm2d(c_out))
+        self.conv3, self.bn3 = (nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+                                nn.BatchNorm2d(c_out))
         self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
         self.pool = nn.MaxPool2d(2)
         # MetaOptNet: DropBlock after blocks 3 and 4, plain dropout at the same rate after 1 and 2
@@ -166,11 +171,14 @@ def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, seed):
         raise ValueError(f"{n_way}-way episodes need {n_way} classes; this split has {n_classes}")
     short = [c for c, idx in enumerate(per_class) if len(idx) < k_shot + n_query]
     if short:
-        raise ValueError(f"{k_shot}-shot episodes with {n_query} queries need {k_shot + n_query} images per class; "
+        raise ValueError(f"{k_shot}-shot episodes with {n_query} queries need "
+                         f"{k_shot + n_query} images per class; "
                          f"class {short[0]} has {len(per_class[short[0]])}")
     g = torch.Generator().manual_seed(seed)
-    classes = torch.stack([torch.randperm(n_classes, generator=g)[:n_way] for _ in range(n_episodes)])
-    index = torch.stack([torch.stack([per_class[c][torch.randperm(len(per_class[c]), generator=g)[:k_shot + n_query]]
+    classes = torch.stack([torch.randperm(n_classes, generator=g)[:n_way]
+                           for _ in range(n_episodes)])
+    index = torch.stack([torch.stack([per_class[c][torch.randperm(len(per_class[c]),
+                                                                  generator=g)[:k_shot + n_query]]
                                       for c in ep.tolist()]) for ep in classes])
     return classes, index
 
@@ -205,7 +213,8 @@ def parse_list(text, flag, kind=int, what="numbers", example="1,5", n=None, low=
         values = None
     if (not values or not all(math.isfinite(v) for v in values) or (n and len(values) != n)
             or (low is not None and min(values) < low)):
-        raise UserError(f"{flag}: '{text}' is not a comma-separated list of {what} such as {example}")
+        raise UserError(f"{flag}: '{text}' is not a comma-separated list of {what} "
+                        f"such as {example}")
     return values
 
 
@@ -214,19 +223,22 @@ def check_episodes(split, n_way, shots, n_query, flags=None, min_shot=1):
     "1,5") support and n_query query images per class that `split` cannot supply. `flags`
     names the command-line flags that set them. Returns the shot counts as a list of ints."""
     shots = parse_list(shots, flags or "shots", int, "shot counts", "1,5")
-    fix = f": lower {flags}" if flags else ": the dataset is incomplete (python common.py check finds such classes)"
+    fix = (f": lower {flags}" if flags
+           else ": the dataset is incomplete (python common.py check finds such classes)")
     if n_way < 2 or min(shots) < min_shot or n_query < 1:
-        raise UserError(f"{n_way}-way {','.join(map(str, shots))}-shot episodes with {n_query} queries: use at "
-                        f"least 2 ways, {min_shot} shot{'s' * (min_shot != 1)} and 1 query ({flags or 'fixed here'})")
+        raise UserError(f"{n_way}-way {','.join(map(str, shots))}-shot episodes with {n_query} "
+                        f"queries: use at least 2 ways, {min_shot} shot{'s' * (min_shot != 1)} "
+                        f"and 1 query ({flags or 'fixed here'})")
     if n_way > len(split.classes):
-        raise UserError(f"{n_way}-way episodes need {n_way} classes; {split.dataset} {split.split} has "
-                        f"{len(split.classes)}{fix}")
+        raise UserError(f"{n_way}-way episodes need {n_way} classes; "
+                        f"{split.dataset} {split.split} has {len(split.classes)}{fix}")
     counts = torch.bincount(split.labels, minlength=len(split.classes))
     need = max(shots) + n_query
     if counts.min() < need:
         c = int(counts.argmin())
-        raise UserError(f"{split.dataset} {split.split} class '{split.classes[c]}' has {int(counts[c])} images; "
-                        f"{max(shots)}-shot episodes with {n_query} queries need {need}{fix}")
+        raise UserError(f"{split.dataset} {split.split} class '{split.classes[c]}' has "
+                        f"{int(counts[c])} images; {max(shots)}-shot episodes with {n_query} "
+                        f"queries need {need}{fix}")
     return shots
 
 
@@ -248,7 +260,8 @@ def split_episodes(feats, index, k_shot):
 
 
 def accuracy_from_logits(logits):
-    """logits [E, N, Q, N] (query of class n scored against every class) -> accuracy per episode [E]."""
+    """logits [E, N, Q, N] (query of class n scored against every class) -> accuracy per
+    episode [E]."""
     target = torch.arange(logits.shape[1], device=logits.device).view(1, -1, 1)
     return (logits.argmax(-1) == target).float().mean(dim=(1, 2))
 
@@ -262,7 +275,8 @@ def protonet_logits(support, query):
 
 def protonet_accuracy(feats, index, k_shot, batch=500):
     """Per-episode cosine nearest-centroid accuracy [E] on precomputed features."""
-    accs = [accuracy_from_logits(protonet_logits(*split_episodes(feats, index[i:i + batch], k_shot)))
+    accs = [accuracy_from_logits(protonet_logits(*split_episodes(feats, index[i:i + batch],
+                                                                 k_shot)))
             for i in range(0, len(index), batch)]
     return torch.cat(accs)
 
@@ -271,13 +285,15 @@ def class_centres(feats, labels, n_classes):
     """[C, d]: the normalised mean of each class's normalised features (the full-data
     class weight that the bridge and the reconstructor aim at)."""
     labels = labels.to(feats.device)
-    return F.normalize(torch.stack([F.normalize(feats[labels == c], dim=-1).mean(0) for c in range(n_classes)]), dim=-1)
+    means = torch.stack([F.normalize(feats[labels == c], dim=-1).mean(0) for c in range(n_classes)])
+    return F.normalize(means, dim=-1)
 
 
 def ci95(values):
     """Mean and 95% interval half-width (1.96 * std / sqrt(n)) of per-episode values."""
     v = torch.as_tensor(values, dtype=torch.float64)
-    return v.mean().item(), (1.96 * v.std(unbiased=True) / len(v) ** 0.5).item() if len(v) > 1 else 0.0
+    return v.mean().item(), ((1.96 * v.std(unbiased=True) / len(v) ** 0.5).item() if len(v) > 1
+                             else 0.0)
 
 
 # ----------------------------------------------------------------------------------
@@ -295,15 +311,18 @@ class Split:
     paths: list = None            # N image files (read on demand)
     size: int = 32                # the student's input size
     ids: list = field(default_factory=list)  # dataset-specific class ids (wnids, CIFAR names)
-    data_id: str = ""             # a hash of the data (file list, pickles or toy recipe): feature caches key on it
+    # a hash of the data (file list, pickles or toy recipe): feature caches key on it
+    data_id: str = ""
 
     def __len__(self):
         return len(self.labels)
 
     def pil(self, i):
-        """Image i at its native resolution, as a PIL image (what open_clip's preprocessing takes)."""
+        """Image i at its native resolution, as a PIL image (what open_clip's preprocessing
+        takes)."""
         from PIL import Image
-        if self.paths is None:  # (files are read even when decoded once: `images` holds them at the student's size)
+        # (files are read even when decoded once: `images` holds them at the student's size)
+        if self.paths is None:
             return Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
         return read_image(self.paths[i], hint=f" (python common.py check --dataset {self.dataset} "
                                               f"--data-root ... reads every image)")
@@ -313,7 +332,8 @@ class Split:
         if self.images is not None and self.images.shape[-1] == self.size:
             return self.images[idx]
         from PIL import Image
-        out = [torch.from_numpy(np.array(self.pil(int(i)).resize((self.size, self.size), Image.BILINEAR)))
+        out = [torch.from_numpy(np.array(self.pil(int(i)).resize((self.size, self.size),
+                                                                 Image.BILINEAR)))
                for i in idx]
         return torch.stack(out).permute(0, 3, 1, 2).contiguous()
 
@@ -365,12 +385,15 @@ def _toy(name, split, root, size=None, seed=0):
     import toyworld
     recipe = toyworld.split_recipe(name, split, seed)
     classes = [toyworld.class_name(a) for a in toyworld.make_classes(seed)[split]]
-    labels = torch.arange(len(classes)).repeat_interleave(toyworld.SCALES[name]["n_train" if split == "train" else "n_eval"])
+    per_class = toyworld.SCALES[name]["n_train" if split == "train" else "n_eval"]
+    labels = torch.arange(len(classes)).repeat_interleave(per_class)
 
     def render(out):
         out[:] = toyworld.build_split(name, split, seed)[0].numpy()
-    images = image_store(f"{name}-{split}-{recipe}", (len(labels), 3, toyworld.SIZE, toyworld.SIZE), render)
-    return Split(name, split, classes, labels, images=images, size=toyworld.SIZE, ids=list(classes), data_id=recipe)
+    images = image_store(f"{name}-{split}-{recipe}", (len(labels), 3, toyworld.SIZE, toyworld.SIZE),
+                         render)
+    return Split(name, split, classes, labels, images=images, size=toyworld.SIZE, ids=list(classes),
+                 data_id=recipe)
 
 
 # The image store: <cache>/images/<key>.npy and beside it <key>.json, its record (key, shape,
@@ -516,14 +539,17 @@ def decode_once(split, workers=None):
     from tqdm import tqdm
 
     def decode(out):
-        n_workers = min(8, os.cpu_count() or 1) if workers is None and len(split) >= 1000 else (workers or 0)
-        loader = torch.utils.data.DataLoader(StudentImages(split), batch_size=64, num_workers=n_workers,
-                                             generator=torch.Generator())  # the global RNG is untouched
-        for images, _, idx in tqdm(loader, desc=f"decoding {split.dataset} {split.split} once", leave=False,
-                                   disable=len(split) < 1000):
+        n_workers = (min(8, os.cpu_count() or 1) if workers is None and len(split) >= 1000
+                     else (workers or 0))
+        # its own generator: the global RNG is untouched
+        loader = torch.utils.data.DataLoader(StudentImages(split), batch_size=64,
+                                             num_workers=n_workers, generator=torch.Generator())
+        for images, _, idx in tqdm(loader, desc=f"decoding {split.dataset} {split.split} once",
+                                   leave=False, disable=len(split) < 1000):
             out[idx.numpy()] = images.numpy()
     shape = (len(split), 3, split.size, split.size)
-    split.images = image_store(f"{split.dataset}-{split.split}-{split.size}px-{split.data_id}", shape, decode)
+    split.images = image_store(f"{split.dataset}-{split.split}-{split.size}px-{split.data_id}",
+                               shape, decode)
     return split
 
 
@@ -628,7 +654,8 @@ _FOLDERS = "train/, val/, test/ holding one folder of images per wnid"
 LAYOUTS = {"cifar-fs": _CIFAR, "fc100": _CIFAR, "tiered-imagenet": f"a folder with {_FOLDERS}",
            "folder": "a folder with train/, val/, test/ holding one folder of images per class "
                      "(and optionally classes.tsv: 'folder<TAB>readable name' lines)",
-           "mini-imagenet": f"a folder with images/ and train.csv, val.csv, test.csv (Ravi layout) or {_FOLDERS}"}
+           "mini-imagenet": f"a folder with images/ and train.csv, val.csv, test.csv (Ravi layout) "
+                            f"or {_FOLDERS}"}
 
 
 def split_classes(dataset, split):
@@ -638,7 +665,8 @@ def split_classes(dataset, split):
         rows = [line.rstrip("\n").split("\t") for line in f if line.strip()][1:]  # [1:]: the header
     for row in rows:
         if len(row) < 2 or not row[1].strip():
-            raise UserError(f"class {row[0]} has no readable name in {path}: add it (a second, tab-separated column)")
+            raise UserError(f"class {row[0]} has no readable name in {path}: "
+                            f"add it (a second, tab-separated column)")
     return [(row[0], row[1]) for row in rows]
 
 
@@ -659,8 +687,10 @@ def _make_split(dataset, split, classes, labels, where, **data):
     counts = torch.bincount(labels, minlength=len(classes))
     if (counts == 0).any():
         cid, name = classes[int(torch.nonzero(counts == 0)[0])]
-        raise UserError(f"{dataset} {split} class {cid} ({name}) has no images in {where}: the dataset is incomplete")
-    return Split(dataset, split, [n for _, n in classes], labels, ids=[c for c, _ in classes], **data)
+        raise UserError(f"{dataset} {split} class {cid} ({name}) has no images in {where}: "
+                        f"the dataset is incomplete")
+    return Split(dataset, split, [n for _, n in classes], labels, ids=[c for c, _ in classes],
+                 **data)
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -668,12 +698,15 @@ class _CifarUnpickler(pickle.Unpickler):
     bytes, str, ints and numpy arrays. Any other global (os.system, eval, ...) is refused
     before it can run: a dataset folder is data, never code."""
     ALLOWED = {(m, n) for core in ("numpy.core", "numpy._core") for m, n in [
-        (f"{core}.multiarray", "_reconstruct"), (f"{core}.multiarray", "scalar"), (f"{core}.numeric", "_frombuffer")]}
-    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # encode: bytes in protocol 2
+        (f"{core}.multiarray", "_reconstruct"), (f"{core}.multiarray", "scalar"),
+        (f"{core}.numeric", "_frombuffer")]}
+    # encode: bytes in protocol 2
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"it asks to run {module}.{name}, which no CIFAR-100 file holds")
+            raise pickle.UnpicklingError(f"it asks to run {module}.{name}, "
+                                         f"which no CIFAR-100 file holds")
         return super().find_class(module, name)
 
 
@@ -693,30 +726,36 @@ def read_cifar100(root):
             if name == "meta":
                 names = [n.decode() if isinstance(n, bytes) else n for n in d["fine_label_names"]]
             else:  # "data": a row of 3072 bytes per image, its red, green and blue 32x32 planes
-                parts.append((torch.from_numpy(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)),
+                pixels = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                parts.append((torch.from_numpy(pixels),
                               torch.as_tensor(d["fine_labels"], dtype=torch.int64)))
         except FileNotFoundError:
             raise UserError(f"{path} not found: --data-root should be {_CIFAR}")
         except Exception as e:  # not a pickle, truncated, another dict...
-            raise UserError(f"{path} is not a CIFAR-100 python-version pickle ({type(e).__name__}: {e}): "
+            raise UserError(f"{path} is not a CIFAR-100 python-version pickle "
+                            f"({type(e).__name__}: {e}): "
                             f"delete cifar-100-python/ and fetch it again (--download)")
     return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]), names
 
 
 def _cifar(dataset, split, root, size=None):
-    """cifar-fs (64/16/20 classes) and fc100 (60/20/20, by superclass): all 600 images of a class, 32x32."""
+    """cifar-fs (64/16/20 classes) and fc100 (60/20/20, by superclass): all 600 images of a
+    class, 32x32."""
     images, fine, names = read_cifar100(_data_root(dataset, root))
-    data_id = files_id([os.path.join(root, "cifar-100-python", n) for n in ("meta", "train", "test")], dataset, split)
+    data_id = files_id([os.path.join(root, "cifar-100-python", n)
+                        for n in ("meta", "train", "test")], dataset, split)
     classes = split_classes(dataset, split)
     index = {cid: c for c, (cid, _) in enumerate(classes)}
     labels = torch.tensor([index.get(n, -1) for n in names])[fine]  # -1: a class of another split
     keep = labels >= 0
-    return _make_split(dataset, split, classes, labels[keep], os.path.join(root, "cifar-100-python"),
+    return _make_split(dataset, split, classes, labels[keep],
+                       os.path.join(root, "cifar-100-python"),
                        images=images[keep], size=32, data_id=data_id)
 
 
 def _ravi(dataset, split, root, index):
-    """Ravi & Larochelle's layout: images/<file> plus <split>.csv rows 'filename,label' (label = wnid)."""
+    """Ravi & Larochelle's layout: images/<file> plus <split>.csv rows 'filename,label'
+    (label = wnid)."""
     import csv
     path = os.path.join(root, f"{split}.csv")
     if not os.path.isfile(path):
@@ -724,15 +763,19 @@ def _ravi(dataset, split, root, index):
     with open(path, newline="", encoding="utf-8") as f:
         rows = [(n, row) for n, row in enumerate(csv.reader(f), start=1) if row]
     if not rows or rows[0][1] != ["filename", "label"]:
-        raise UserError(f"{path} does not start with the header 'filename,label' of the Ravi split files")
+        raise UserError(f"{path} does not start with the header 'filename,label' "
+                        f"of the Ravi split files")
     present = set(os.listdir(os.path.join(root, "images")))
     for n, row in rows[1:]:
         if len(row) != 2 or row[1] not in index:
-            raise UserError(f"{path} line {n}: {','.join(row)!r} does not name one of the {len(index)} "
-                            f"{dataset} {split} wnids (data/splits/{dataset}/{split}.tsv)")
+            raise UserError(f"{path} line {n}: {','.join(row)!r} does not name one of the "
+                            f"{len(index)} {dataset} {split} wnids "
+                            f"(data/splits/{dataset}/{split}.tsv)")
         if row[0] not in present:
-            raise UserError(f"{os.path.join(root, 'images', row[0])} (listed in {path} line {n}) not found")
-    return [os.path.join(root, "images", r[0]) for _, r in rows[1:]], [index[r[1]] for _, r in rows[1:]], path
+            raise UserError(f"{os.path.join(root, 'images', row[0])} "
+                            f"(listed in {path} line {n}) not found")
+    return ([os.path.join(root, "images", r[0]) for _, r in rows[1:]],
+            [index[r[1]] for _, r in rows[1:]], path)
 
 
 def _folders(dataset, split, root, index):
@@ -746,9 +789,10 @@ def _folders(dataset, split, root, index):
         if wnid.startswith(".") or not os.path.isdir(sub):
             continue  # stray files (.DS_Store, a README)
         if wnid not in index:
-            raise UserError(f"unknown class folder {sub}: not one of the {len(index)} {dataset} {split} wnids "
-                            f"(data/splits/{dataset}/{split}.tsv)")
-        files = sorted(f for f in os.listdir(sub) if os.path.splitext(f)[1].lower() in IMAGE_EXTS)
+            raise UserError(f"unknown class folder {sub}: not one of the {len(index)} "
+                            f"{dataset} {split} wnids (data/splits/{dataset}/{split}.tsv)")
+        files = sorted(
+f for f in os.listdir(sub) if os.path.splitext(f)[1].lower() in IMAGE_EXTS)
         paths += [os.path.join(sub, f) for f in files]
         labels += [index[wnid]] * len(files)
     return paths, labels, folder
@@ -759,7 +803,8 @@ def _imagenet(dataset, split, root, size=None):
     read on demand, resized to 84x84 for the student."""
     root, classes = _data_root(dataset, root), split_classes(dataset, split)
     index = {wnid: c for c, (wnid, _) in enumerate(classes)}
-    ravi = dataset == "mini-imagenet" and os.path.isdir(os.path.join(root, "images"))  # else the folder layout
+    # else the folder layout
+    ravi = dataset == "mini-imagenet" and os.path.isdir(os.path.join(root, "images"))
     paths, labels, where = (_ravi if ravi else _folders)(dataset, split, root, index)
     return _make_split(dataset, split, classes, labels, where, paths=paths, size=84,
                        data_id=files_id(paths, labels))
@@ -874,7 +919,8 @@ def class_names(dataset, root=None):
 # 4. The CLIP teacher, always through open_clip: a model name plus `pretrained`, an
 #    open_clip tag ("openai", "laion2b_s34b_b79k", ...) or a local checkpoint file.
 
-TOY_TEACHERS = {"toy-clip": "toy", "toy-clip-tiny": "toy-tiny"}  # teacher -> the toy web set it learns from
+# teacher -> the toy web set it learns from
+TOY_TEACHERS = {"toy-clip": "toy", "toy-clip-tiny": "toy-tiny"}
 
 
 def cache_dir():
@@ -914,14 +960,16 @@ def check_teacher(args):
     if args.dataset not in DATASETS:
         raise UserError(f"unknown dataset '{args.dataset}': choose one of {', '.join(DATASETS)}")
     if args.clip in TOY_TEACHERS and not args.dataset.startswith("toy"):
-        raise UserError(f"{args.dataset} needs a real CLIP teacher, not the toy world's {args.clip}: pass "
-                        f"--clip ViT-B-32 --clip-pretrained openai (or a weights file)")
+        raise UserError(f"{args.dataset} needs a real CLIP teacher, not the toy world's "
+                        f"{args.clip}: pass --clip ViT-B-32 "
+                        f"--clip-pretrained openai (or a weights file)")
     return teacher_identity(args.clip, args.clip_pretrained)
 
 
 def toy_teacher_file(name):
     """Where the stand-in teacher `name` is cached; the file name records its recipe (renderer,
-    captions, config, sizes), so a changed toy world never reuses a teacher trained on the old one."""
+    captions, config, sizes), so a changed toy world never reuses a teacher trained on the old
+    one."""
     import toyworld
     return os.path.join(cache_dir(), f"{name}-{toyworld.teacher_recipe(TOY_TEACHERS[name])}.pt")
 
@@ -931,25 +979,28 @@ def teacher_identity(name, pretrained):
     its tag or file (by content), and QuickGELU when its weights were trained with it.
     Refuses an unknown model, tag or file, and a missing --clip-pretrained (random weights)."""
     if name in TOY_TEACHERS:
-        if pretrained and not os.path.exists(pretrained):  # (without one, the stand-in is trained once)
-            raise UserError(f"--clip-pretrained '{pretrained}' is neither a file nor an open_clip tag of toy-clip "
-                            f"(tags: none)")
+        # (without one, the stand-in is trained once)
+        if pretrained and not os.path.exists(pretrained):
+            raise UserError(f"--clip-pretrained '{pretrained}' is neither a file nor an open_clip "
+                            f"tag of toy-clip (tags: none)")
         pretrained = pretrained or toy_teacher_file(name)
         arch = "toy-clip"
     else:
         import open_clip
         arch = name
         if name not in open_clip.list_models():
-            raise UserError(f"unknown teacher '{name}': choose toy-clip, toy-clip-tiny or an open_clip model "
-                            f"such as ViT-B-32, RN50, ViT-B-16 (open_clip.list_models() has all)")
+            raise UserError(f"unknown teacher '{name}': choose toy-clip, toy-clip-tiny or an "
+                            f"open_clip model such as ViT-B-32, RN50, ViT-B-16 "
+                            f"(open_clip.list_models() has all)")
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained is None:
-            raise UserError(f"--clip {name} without --clip-pretrained is a CLIP with random weights: pass "
-                            f"--clip-pretrained {'openai' if 'openai' in tags else (tags or ['FILE'])[0]} or a "
+            raise UserError(f"--clip {name} without --clip-pretrained is a CLIP with random "
+                            f"weights: pass --clip-pretrained "
+                            f"{'openai' if 'openai' in tags else (tags or ['FILE'])[0]} or a "
                             f"weights file (--clip-pretrained {RANDOM} only for a smoke test)")
         if pretrained != RANDOM and not os.path.exists(pretrained) and pretrained not in tags:
-            raise UserError(f"--clip-pretrained '{pretrained}' is neither a file nor an open_clip tag of {name} "
-                            f"(tags: {', '.join(tags) or 'none'})")
+            raise UserError(f"--clip-pretrained '{pretrained}' is neither a file nor an open_clip "
+                            f"tag of {name} (tags: {', '.join(tags) or 'none'})")
     is_file = pretrained != RANDOM and os.path.exists(pretrained)
     ident = {"name": name, "pretrained": os.path.basename(pretrained) if is_file else pretrained,
              "file_id": file_id(pretrained) if is_file else ""}
@@ -974,7 +1025,8 @@ def quick_gelu(arch, pretrained):
 
 
 def is_torchscript(path):
-    """OpenAI's own downloads (ViT-B-32.pt, ...) are TorchScript archives: a zip with code/ and constants.pkl."""
+    """OpenAI's own downloads (ViT-B-32.pt, ...) are TorchScript archives: a zip with code/ and
+    constants.pkl."""
     import zipfile
     if not zipfile.is_zipfile(path):
         return False
@@ -1007,17 +1059,20 @@ def load_teacher(name, pretrained=None, device="cpu"):
         model, _, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=weights, device=device, force_quick_gelu=bool(ident.get("quick_gelu")))
     except Exception as e:
-        if weights and os.path.isfile(weights):  # truncated, empty, random bytes, another model's weights
+        # truncated, empty, random bytes, another model's weights
+        if weights and os.path.isfile(weights):
             again = "pass a good weights file" if given else "it is trained again on the next run"
-            raise UserError(f"{weights} is not a readable weights file of {arch} ({type(e).__name__}): "
-                            f"delete it ({again})") from None
+            raise UserError(f"{weights} is not a readable weights file of {arch} "
+                            f"({type(e).__name__}): delete it ({again})") from None
         if isinstance(e, RuntimeError) and "download" in str(e).lower():
-            raise UserError(f"could not fetch the weights of {arch}/{pretrained} (offline?): download them once "
-                            f"on a connected machine and pass the file with --clip-pretrained")
+            raise UserError(f"could not fetch the weights of {arch}/{pretrained} (offline?): "
+                            f"download them once on a connected machine "
+                            f"and pass the file with --clip-pretrained")
         raise
     if jit:  # OpenAI's TorchScript file: its state dict has open_clip's names, plus three constants
         state = torch.jit.load(pretrained, map_location="cpu").state_dict()
-        unsaved = {n for n, _ in model.named_buffers()} - set(model.state_dict())  # e.g. the text attn_mask
+        # e.g. the text attn_mask
+        unsaved = {n for n, _ in model.named_buffers()} - set(model.state_dict())
         for k in ("input_resolution", "context_length", "vocab_size", *unsaved):
             state.pop(k, None)
         try:
@@ -1028,7 +1083,8 @@ def load_teacher(name, pretrained=None, device="cpu"):
     model.eval().requires_grad_(False)
     if arch != "toy-clip":
         print(f"teacher {name} (" + ("random weights, as asked)" if pretrained == RANDOM else
-              f"{ident['pretrained']}, QuickGELU)" if ident.get("quick_gelu") else f"{ident['pretrained']}, "
+              f"{ident['pretrained']}, QuickGELU)" if ident.get("quick_gelu") else
+              f"{ident['pretrained']}, "
               f"GELU: if these are OpenAI's weights, name the model {name}-quickgelu)"))
     return model, preprocess, open_clip.get_tokenizer(arch), ident
 
@@ -1041,7 +1097,8 @@ def load_teacher(name, pretrained=None, device="cpu"):
 def extract(fn, split, batch_fn, device, batch=256, desc="features"):
     from tqdm import tqdm
     feats = []
-    for i in tqdm(range(0, len(split), batch), desc=desc, leave=False, disable=len(split) <= 4 * batch):
+    for i in tqdm(range(0, len(split), batch), desc=desc, leave=False,
+                  disable=len(split) <= 4 * batch):
         feats.append(fn(batch_fn(range(i, min(i + batch, len(split)))).to(device)).float().cpu())
     return torch.cat(feats)
 
@@ -1082,14 +1139,18 @@ def teacher_image_features(run, model, preprocess, ident, split, device):
     def compute():
         from tqdm import tqdm
         m, p = model() if preprocess is None else (model, preprocess)
-        workers = min(8, os.cpu_count() or 1) if split.paths is not None and len(split) >= 500 else 0
-        loader = torch.utils.data.DataLoader(TeacherImages(split, p), batch_size=256, num_workers=workers,
-                                             generator=torch.Generator())  # its own: the global RNG is untouched
+        workers = (min(8, os.cpu_count() or 1) if split.paths is not None and len(split) >= 500
+                   else 0)
+        # its own generator: the global RNG is untouched
+        loader = torch.utils.data.DataLoader(TeacherImages(split, p), batch_size=256,
+                                             num_workers=workers, generator=torch.Generator())
         with torch.no_grad():
             feats = [m.encode_image(x.to(device)).float().cpu()
-                     for x in tqdm(loader, desc=f"teacher {split.split}", leave=False, disable=len(split) <= 1024)]
+                     for x in tqdm(loader, desc=f"teacher {split.split}", leave=False,
+                                   disable=len(split) <= 1024)]
         return F.normalize(torch.cat(feats), dim=-1)
-    key = dict(kind="teacher", teacher=ident, dataset=split.dataset, split=split.split, n=len(split), data=split.data_id)
+    key = dict(kind="teacher", teacher=ident, dataset=split.dataset, split=split.split,
+               n=len(split), data=split.data_id)
     return cached_features(run, key, compute)
 
 
@@ -1098,10 +1159,11 @@ def student_features(run, student, student_id, split, device):
     student.eval()
 
     def compute():
-        return extract(student, split, lambda idx: to_student_input(split.student_batch(list(idx)), device),
+        return extract(student, split,
+                       lambda idx: to_student_input(split.student_batch(list(idx)), device),
                        device, desc=f"student {split.split}")
-    key = dict(kind="student", student=student_id, dataset=split.dataset, split=split.split, n=len(split),
-               data=split.data_id)
+    key = dict(kind="student", student=student_id, dataset=split.dataset, split=split.split,
+               n=len(split), data=split.data_id)
     return cached_features(run, key, compute)
 
 
@@ -1115,7 +1177,8 @@ class UserError(Exception):
 
 
 _interrupt_hint = None  # set by on_interrupt(): what to say when the user presses Ctrl-C
-INTERRUPTED = "files are written whole or not at all, so nothing half-written was left; rerun the command"
+INTERRUPTED = ("files are written whole or not at all, so nothing half-written was left; "
+               "rerun the command")
 
 
 def on_interrupt(hint):
@@ -1152,7 +1215,8 @@ def run_main(main):
             sys.stdout = given
     except UserError as e:
         msg = str(e).strip()
-        if "\n" in msg:  # re-raised from a DataLoader worker: "Caught UserError in ...\n<traceback>"
+        # re-raised from a DataLoader worker: "Caught UserError in ...\n<traceback>"
+        if "\n" in msg:
             msg = msg.splitlines()[-1].split("UserError: ", 1)[-1]
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
@@ -1228,10 +1292,13 @@ def get_device(name=None):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device '{name}' is not a device: use cpu or cuda (cuda:N for GPU N)") from None
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise UserError(f"--device {name}, but torch sees {torch.cuda.device_count()} usable CUDA GPU(s) here "
-                        f"(no driver, or another index): use --device cpu or omit --device")
+        raise UserError(f"--device '{name}' is not a device: "
+                        f"use cpu or cuda (cuda:N for GPU N)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available()
+                                      and (device.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"--device {name}, but torch sees {torch.cuda.device_count()} usable "
+                        f"CUDA GPU(s) here (no driver, or another index): "
+                        f"use --device cpu or omit --device")
     return device
 
 
@@ -1246,10 +1313,13 @@ def parser(doc):
     are shown in --help, and the flags every stage shares are declared already."""
     p = argparse.ArgumentParser(description=(doc or "\n").split("\n")[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    flag(p, "--run", default="runs/toy", help="run folder: every stage reads and writes its files here")
+    flag(p, "--run", default="runs/toy",
+         help="run folder: every stage reads and writes its files here")
     flag(p, "--dataset", default="toy", help=f"one of {', '.join(DATASETS)}")
-    flag(p, "--data-root", default=None, help="folder of the real dataset (unused for the toy world)")
-    flag(p, "--image-size", type=int, default=84, help="the student's input size for --dataset folder")
+    flag(p, "--data-root", default=None,
+         help="folder of the real dataset (unused for the toy world)")
+    flag(p, "--image-size", type=int, default=84,
+         help="the student's input size for --dataset folder")
     flag(p, "--clip", default="toy-clip",
          help="open_clip model name (e.g. ViT-B-32), or toy-clip / toy-clip-tiny")
     flag(p, "--clip-pretrained", default=None,
@@ -1323,7 +1393,8 @@ def check_range(name, value, interval):
     lo, hi = (float(x) for x in interval[1:-1].split(","))
     above = lo < value if interval[0] == "(" else lo <= value
     if not (above and (value < hi if interval[-1] == ")" else value <= hi)):
-        raise UserError(f"--{name.replace('_', '-')} {value} is out of range: use a value in {interval}")
+        raise UserError(f"--{name.replace('_', '-')} {value} is out of range: "
+                        f"use a value in {interval}")
 
 
 def check_finite(loss, where, last_finite=None, kept=None):
@@ -1336,7 +1407,8 @@ def check_finite(loss, where, last_finite=None, kept=None):
     before = "none yet" if last_finite is None else f"{last_finite:.6g}"
     kept = f"the last good epoch is kept in {kept}" if kept and os.path.exists(kept) \
         else "no checkpoint was written"
-    raise UserError(f"loss became {value} at {where} (last finite loss {before}): lower --lr; {kept}")
+    raise UserError(f"loss became {value} at {where} (last finite loss {before}): "
+                    f"lower --lr; {kept}")
 
 
 NAN_CHECK_EVERY = 50  # steps between two looks at the loss (each one waits for the GPU)
@@ -1478,7 +1550,8 @@ def cosine_schedule(opt, steps):
 def mlp(d_in, d_hidden, d_out, dropout=None):
     """Linear, LeakyReLU(0.1), (Dropout), Linear: the small maps of stages 3 and 4."""
     drop = [] if dropout is None else [nn.Dropout(dropout)]
-    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.LeakyReLU(0.1), *drop, nn.Linear(d_hidden, d_out))
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.LeakyReLU(0.1), *drop,
+                         nn.Linear(d_hidden, d_out))
 
 
 def stage_module(name):
@@ -1574,7 +1647,8 @@ def _one_step(files):
         return
     import fcntl
     pending, fd = [], os.open(os.path.dirname(os.path.abspath(next(iter(files)))), os.O_RDONLY)
-    before = {s: signal.signal(s, lambda n, _: pending.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    before = {s: signal.signal(s, lambda n, _: pending.append(n))
+              for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -1596,14 +1670,16 @@ def checkpoint_bytes(obj):
 
 def atomic_save(obj, path, together=None):
     """torch.save, atomically; `together` ({path: text}): files written in the same step."""
-    write_files({path: checkpoint_bytes(obj), **{p: t.encode("utf-8") for p, t in (together or {}).items()}})
+    write_files({path: checkpoint_bytes(obj),
+                 **{p: t.encode("utf-8") for p, t in (together or {}).items()}})
 
 
 def atomic_write_text(text, path):
     write_files({path: text.encode("utf-8")})
 
 
-def save_checkpoint(path, stage, config, dataset, classes, state, upstream=None, together=None, **extra):
+def save_checkpoint(path, stage, config, dataset, classes, state, upstream=None, together=None,
+                    **extra):
     """Every checkpoint is a plain dict of tensors, numbers and strings, so that it
     loads with torch.load(weights_only=True). It records what made it: the stage,
     its config, the dataset and class names per split, and the upstream checkpoints
@@ -1628,12 +1704,15 @@ def load_checkpoint(path, stage, hint):
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and {hint}")
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); "
+                        f"delete it and {hint}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
         found = ckpt.get("format") if isinstance(ckpt, dict) else None
-        raise UserError(f"{path} has checkpoint format {found}, this code reads format {FORMAT_VERSION}: {hint}")
+        raise UserError(f"{path} has checkpoint format {found}, "
+                        f"this code reads format {FORMAT_VERSION}: {hint}")
     if ckpt.get("stage") != stage:
-        raise UserError(f"{path} was written by stage '{ckpt.get('stage')}', expected '{stage}': {hint}")
+        raise UserError(f"{path} was written by stage '{ckpt.get('stage')}', "
+                        f"expected '{stage}': {hint}")
     problem = _record_problem(ckpt)
     if problem:
         raise UserError(f"{path} is not a checkpoint as {SCRIPTS.get(stage, 'this code')} writes "
@@ -1715,7 +1794,8 @@ class Resume:
     def __init__(self, out, wanted, stage, device):
         self.path, self.stage, self.device = out[:-len(".pt")] + ".last.pt", stage, device
         self.wanted = wanted
-        self.ready = wanted and os.path.exists(self.path)  # an epoch of this run, not an older run's
+        # an epoch of this run, not an older run's
+        self.ready = wanted and os.path.exists(self.path)
         on_interrupt(lambda: f"the last completed epoch is kept in {self.path}: rerun the same "
                      f"command with --resume to continue" if self.ready
                      else "no epoch had finished, nothing to resume: rerun")
@@ -1765,7 +1845,8 @@ class Resume:
 
 
 def check_same_config(ckpt, path, config, ignore=()):
-    """Refuse to resume from a checkpoint made with other flags (the result would be neither run)."""
+    """Refuse to resume from a checkpoint made with other flags (the result would be neither
+    run)."""
     diff = [k for k in sorted(set(config) | set(ckpt["config"])) if k not in ignore
             and ckpt["config"].get(k) != config.get(k)]
     if diff:
@@ -1858,7 +1939,8 @@ def check_same_world(ckpt, path, dataset, classes=None, teacher=None):
         raise UserError(f"{path} was built on dataset '{ckpt['dataset']}', not '{dataset}': "
                         f"use another --run folder or rerun that stage with --dataset {dataset}")
     if classes is not None and ckpt["classes"] != classes:
-        raise UserError(f"{path} was built with other class names than dataset '{dataset}' has now: rerun that stage")
+        raise UserError(f"{path} was built with other class names than dataset '{dataset}' "
+                        f"has now: rerun that stage")
     if teacher is not None and not same_teacher(ckpt.get("teacher"), teacher):
         advice = teacher_advice(ckpt.get("teacher"), teacher, "rerun that stage " + WITH_SAME)
         raise UserError(f"{path} was built with teacher {ckpt.get('teacher')}, not {teacher}: "
@@ -1881,7 +1963,8 @@ def check_same_teacher(ckpts):
     made = [(p, c["teacher"]) for p, c in ckpts.items() if c is not None and c.get("teacher")]
     for p, t in made[1:]:
         if not same_teacher(t, made[0][1]):
-            who = [" ".join(str(x[k]) for k in ("name", "pretrained", "file_id") if x.get(k)) for x in (made[0][1], t)]
+            who = [" ".join(str(x[k]) for k in ("name", "pretrained", "file_id") if x.get(k))
+                   for x in (made[0][1], t)]
             raise UserError(f"{made[0][0]} was made with teacher {who[0]} but {p} with {who[1]}: "
                             f"{teacher_advice(made[0][1], t, 'rerun the stages ' + WITH_SAME)}")
 
@@ -1891,7 +1974,8 @@ def same_teacher(a, b):
     from a file, the same file content (wherever it lies), else the same pretrained tag."""
     if not a or not b:
         return a == b
-    if a.get("quick_gelu", False) != b.get("quick_gelu", False):  # the same weights in another network
+    # the same weights in another network
+    if a.get("quick_gelu", False) != b.get("quick_gelu", False):
         return False
     if a.get("file_id") or b.get("file_id"):
         return a["name"] == b["name"] and a.get("file_id") == b.get("file_id")
@@ -1986,8 +2070,10 @@ def _check():
     p.add_argument("command", choices=["check"])
     p.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-root", default=None, help="the dataset folder")
-    p.add_argument("--image-size", type=int, default=None, help="the student's input size (--dataset folder)")
-    p.add_argument("--download", action="store_true", help="fetch CIFAR-100 first (cifar-fs, fc100)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="the student's input size (--dataset folder)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch CIFAR-100 first (cifar-fs, fc100)")
     p.add_argument("--clip", default=None, help="also load this teacher (as the stages would)")
     p.add_argument("--clip-pretrained", default=None, help="its tag or weights file")
     # the episodes of stages 4 and 5 (their defaults): pass what you will pass them
@@ -2003,7 +2089,8 @@ def _check():
     check_splits(splits, args.n_way, args.shots, args.n_query)  # before reading every image
     for s, split in splits.items():
         check_images(split)
-        print(f"{s}: {len(split.classes)} classes, {len(split)} images ({', '.join(split.classes[:3])}, ...)")
+        print(f"{s}: {len(split.classes)} classes, {len(split)} images "
+              f"({', '.join(split.classes[:3])}, ...)")
     if args.clip:
         print("teacher:", load_teacher(args.clip, args.clip_pretrained)[3])
 
