@@ -12,7 +12,9 @@ What it does
        llm        language models behind an OpenAI-compatible chat API (--llm URL@MODEL,
                   repeatable; answers cached in <run>/cache/llm/, a failing model is reported
                   and the run goes on), or --llm toy[@SEED]: the toy world's describer;
-       files      descriptions files (--descriptions FILE), e.g. an earlier 02_descriptions.json;
+       files      descriptions files (--descriptions FILE, keys: --descriptions-keys), e.g.
+                  Menon & Vondrick's published GPT-3 descriptors or an earlier 02_descriptions.json;
+       wordnet    WordNet 3.0 (--sources wordnet, classes that are wnids): gloss and lemmas;
        templates  CLIP prompt templates of the bare class name, always available.
   2. Mines them with the teacher's text encoder E_T (cosines of L2-normalised embeddings):
        agree(t)    = mean of t's k best matches among the other candidates of its class c
@@ -166,8 +168,8 @@ TEMPLATES = [
 PROMPT = ("List {n} short visual descriptions of a {name}, as it looks in a photo: its colours, "
           "shape, pattern, texture or parts. One description per line, each under 10 words, "
           "no numbering, no other text.")
-SOURCE_KINDS = ("templates", "llm", "files")
-SOURCES_DEFAULT = "templates,llm,files"  # --sources: every kind that was given
+SOURCE_KINDS = ("templates", "llm", "files", "wordnet")
+SOURCES_DEFAULT = "templates,llm,files"  # --sources: every kind that was given (wordnet: if asked)
 
 
 def templates_source(names):
@@ -176,13 +178,39 @@ def templates_source(names):
     return table, {"name": "templates", "kind": "templates", "templates": TEMPLATES}
 
 
-def files_source(path, names):
-    """A descriptions file (--descriptions). Also returns the classes it lacks."""
-    found = load_descriptions_file(path, names)
+def files_source(path, names, keys="name", ids=None):
+    """A descriptions file (--descriptions; keys: --descriptions-keys, ids: {class name: id}).
+    Also returns the classes it lacks."""
+    found = load_descriptions_file(path, names, keys, ids)
     return ({n: [(t, None) for t in texts] for n, texts in found.items()},
             {n: "not in the file" for n in names if n not in found},
-            {"name": f"file:{os.path.basename(path)}", "kind": "file",
+            {"name": f"file:{os.path.basename(path)}", "kind": "file", "keys": keys,
              "path": os.path.abspath(path), "file_id": common.file_id(path)})
+
+
+def wordnet_source(folder, names, ids):
+    """WordNet 3.0 (--sources wordnet): every ImageNet class is a noun synset whose offset is
+    its wnid's digits. Its gloss (the definitions, not the usage examples), its other lemmas
+    and its hypernyms' lemmas become statements: real, offline knowledge written by people."""
+    if not all(re.fullmatch(r"n\d{8}", ids.get(n) or "") for n in names):
+        raise common.UserError("--sources wordnet needs classes that are ImageNet wnids "
+                               "(mini-imagenet, tiered-imagenet, or folders named n01234567)")
+    synsets = read_wordnet(folder)
+    table, failed = {}, {}
+    for name in names:
+        synset = synsets.get(ids[name][1:])
+        if synset is None:
+            failed[name] = f"{ids[name]} is no noun synset of WordNet 3.0"
+            continue
+        lemmas, gloss, hypernyms = synset
+        said = [f"{article(name)} {name}, {d}." for d in gloss]
+        said += [f"{article(w)} {w}." for w in lemmas if w.lower() != name.lower()]
+        said += [f"{article(name)} {name}, a kind of {w}." for h in hypernyms if h in synsets
+                 for w in synsets[h][0]]
+        table[name] = [(t, None) for t in dict.fromkeys(said)]
+    source = {"name": "wordnet", "kind": "wordnet", "path": os.path.abspath(folder),
+              "file_id": common.file_id(os.path.join(folder, "data.noun"))}
+    return table, failed, source
 
 
 def llm_source(specs, names, args, key):
@@ -235,17 +263,18 @@ def gather(args, classes, key):
     llm_specs = args.llm if args.llm is not None else (["toy"] if toy_world else [])
     use_llm = "llm" in kinds and llm_specs
     use_files = "files" in kinds and args.descriptions
-    if not ("templates" in kinds or use_llm or use_files):
+    use_wordnet = "wordnet" in kinds
+    if not ("templates" in kinds or use_llm or use_files or use_wordnet):
         raise common.UserError(f"no knowledge source: --sources '{args.sources}' selects none "
                                f"that was given (llm needs --llm URL@MODEL, files needs "
-                               f"--descriptions FILE, templates need nothing)")
+                               f"--descriptions FILE, templates and wordnet need nothing)")
     if args.sources == SOURCES_DEFAULT:
         # the default is every kind that was given: a language model is optional (README)
         if not use_llm:
             files = "the --descriptions files" if use_files else "no descriptions file"
             print(f"sources: no --llm, so no language model is asked: SynMine mines the prompt "
                   f"templates and {files} (add --llm URL@MODEL for a model's descriptions)")
-    elif kinds != ["templates"] and not (use_llm or use_files):
+    elif kinds != ["templates"] and not (use_llm or use_files or use_wordnet):
         raise common.UserError(f"--sources {args.sources}: only the prompt templates are "
                                f"available: give --llm URL@MODEL or --descriptions FILE for "
                                f"SynMine, or --sources templates for the templates-only ablation")
@@ -259,11 +288,25 @@ def gather(args, classes, key):
     if "templates" in kinds:
         per_source["templates"], source = templates_source(names)
         sources.append(source)
+    keys = [k.strip() for k in args.descriptions_keys.split(",")]
+    if use_files and (len(keys) not in (1, len(args.descriptions))
+                      or not set(keys) <= set(DESCRIPTION_KEYS)):
+        raise common.UserError(f"--descriptions-keys {args.descriptions_keys}: give one of "
+                               f"{', '.join(DESCRIPTION_KEYS)} for every file, or a comma list "
+                               f"of them, one per --descriptions file "
+                               f"({len(args.descriptions)} given)")
+    ids = (class_ids(args.dataset, args.data_root)
+           if use_wordnet or (use_files and set(keys) != {"name"}) else {})
     if use_files:  # read first: a wrong path fails before any question is asked
-        for path in args.descriptions:
-            table, failed, source = files_source(path, names)
+        for path, how in zip(args.descriptions, keys * len(args.descriptions)
+                             if len(keys) == 1 else keys):
+            table, failed, source = files_source(path, names, how, ids)
             per_source[source["name"]], failures[source["name"]] = table, failed
             sources.append(source)
+    if use_wordnet:
+        per_source["wordnet"], failures["wordnet"], source = wordnet_source(args.wordnet, names,
+                                                                            ids)
+        sources.append(source)
     if use_llm:
         tables, failed, llms = llm_source(llm_specs, names, args, key)
         per_source.update(tables)
@@ -306,9 +349,10 @@ def get_args():
     p = common.parser(__doc__)
     flag = common.flag
     flag(p, "--sources", default=SOURCES_DEFAULT,
-         help="comma list of the source kinds to use, of: templates, llm, files "
+         help="comma list of the source kinds to use, of: templates, llm, files, wordnet "
               "('templates' alone makes the syntrans-templates ablation); by default every "
-              "kind that was given (llm with --llm, files with --descriptions)")
+              "kind that was given (llm with --llm, files with --descriptions); wordnet only "
+              "when named")
     flag(p, "--llm", action="append", default=None, metavar="URL@MODEL",
          help="a chat-completions endpoint and model, e.g. "
               "http://localhost:8000/v1@qwen2.5-7b-instruct; repeatable; 'toy' or 'toy@SEED' is "
@@ -326,17 +370,29 @@ def get_args():
     flag(p, "--llm-backoff", type=float, default=2.0, within="[0, inf)",
          help="seconds before the first retry, doubling after each (longer where a server "
               "asks for it with Retry-After, up to --llm-timeout)")
+    flag(p, "--llm-max-tokens", type=int, default=0, within="[0, inf)",
+         help="max_tokens sent with each question (0: none sent, the server's default, which "
+              "may be its whole context)")
     flag(p, "--llm-give-up", type=int, default=5, within="[0, inf)",
-         help="after this many consecutive failed classes a model's remaining classes are "
-              "skipped (0: never)")
+         help="after this many consecutive classes a model failed as a server (no answer: "
+              "refused connections, timeouts, HTTP errors, garbage) its remaining classes are "
+              "skipped (0: never); an answer with no usable description does not count")
     flag(p, "--llm-workers", type=int, default=4, within="[1, inf)",
          help="requests in flight at once")
     for name, kw in toyworld.DESCRIBER_FLAGS.items():  # --toy-*: the toy describer's own
         flag(p, name, **kw)
     flag(p, "--descriptions", action="append", default=[], metavar="FILE",
-         help=f"JSON file: class name -> list of descriptions (or an earlier "
+         help=f"JSON file: class key -> list of descriptions (or an earlier "
               f"02_descriptions.json; the first {FILE_STATEMENTS} of a class are used); "
               f"repeatable")
+    flag(p, "--descriptions-keys", default="name", metavar="|".join(DESCRIPTION_KEYS),
+         help="what the keys of a --descriptions file are: our readable class names, the "
+              "classes' wnids (or other ids: data/splits/), or ilsvrc-order (the i-th key is "
+              "the i-th sorted ILSVRC-2012 wnid, as Menon & Vondrick publish); a comma list "
+              "gives one per file")
+    flag(p, "--wordnet", default="/usr/share/wordnet", metavar="DIR",
+         help="--sources wordnet: the WordNet 3.0 database folder (data.noun; the Debian "
+              "package wordnet-base, or nltk's corpora/wordnet)")
     flag(p, "--keep", type=float, default=0.5, within="(0, 1]",
          help="fraction of each class's candidates kept")
     flag(p, "--temperature", type=float, default=0.3, within="(0, inf)",
@@ -550,6 +606,9 @@ def weight_shares(entries):
 # answers, the key kept out of every file). Only this stage talks to language models.
 
 TEXT_CHARS = 1000  # far more than 77 tokens of any text
+DESCRIPTION_KEYS = ("name", "wnid", "ilsvrc-order")  # --descriptions-keys
+# the 1,000 ILSVRC-2012 wnids, sorted: line i is class index i (--descriptions-keys ilsvrc-order)
+ILSVRC_WNIDS = os.path.join(common.REPO, "data", "ilsvrc2012_wnids.txt")
 FILE_STATEMENTS = 200  # a descriptions file's statements used per class (the first ones)
 ANSWER_BYTES = 256 << 10  # bytes read of one answer (20 short lines are a few kB)
 
@@ -573,7 +632,7 @@ def clean_text(text):
     return re.sub("[\ud800-\udfff]", "\ufffd", text)
 
 
-def load_descriptions_file(path, names):
+def load_descriptions_file(path, names, keys="name", ids=None):
     """{class name: [texts]} from a JSON file: either class -> list of strings, or the
     02_descriptions.json of an earlier run (its kept non-template candidates). Cleaned as it
     is read: lone surrogates replaced (clean_text), each text cut to TEXT_CHARS characters
@@ -598,15 +657,17 @@ def load_descriptions_file(path, names):
             raise common.UserError(f"{where} looks like a 02_descriptions.json but is damaged "
                                    f"(splits -> class -> candidates -> text): rerun the stage "
                                    f"that wrote it")
+        keys = "name"  # (its classes are named by our readable names)
     if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(s, str)
                                                                          for s in v)
                                              for v in data.values()):
         raise common.UserError(f"{where} must map class names to lists of strings")
     data = {clean_text(n): texts for n, texts in data.items()}
+    matched, unknown = match_keys(list(data), names, keys, ids, where)
     found = {}
-    for n in (n for n in names if n in data):
+    for n in (n for n in names if n in matched):
         texts, seen = [], set()
-        for t in data[n]:
+        for t in data[matched[n]]:
             t = clean_text(t.strip())[:TEXT_CHARS].strip()
             if t and t.lower() not in seen:
                 seen.add(t.lower())
@@ -620,12 +681,113 @@ def load_descriptions_file(path, names):
         found = {n: t[:FILE_STATEMENTS] for n, t in found.items()}
     if not found:
         raise common.UserError(f"{where} names none of the {len(names)} classes of this dataset "
-                               f"(e.g. '{names[0]}'): is it the file of another dataset?")
-    unknown = [n for n in data if n not in set(names)]
+                               f"(e.g. '{names[0]}') with --descriptions-keys {keys}: is it the "
+                               f"file of another dataset, or are its keys another kind?")
+    # one line: what was matched, which classes were not, and what the file holds besides
+    lacking = [n for n in names if n not in found]
+    line = f"  {path} (keys: {keys}): matched {len(found)} of {len(names)} classes"
+    if lacking:
+        line += (f"; not in the file: {', '.join(repr(n) for n in lacking[:10])}"
+                 + (f" and {len(lacking) - 10} more" if len(lacking) > 10 else ""))
     if unknown:
-        print(f"  {path}: ignored {len(unknown)} names that are no class of this dataset "
-              f"(e.g. '{unknown[0]}')")
+        line += f"; {len(unknown)} keys are no class of this dataset (e.g. '{unknown[0]}')"
+    print(line)
+    # two classes that receive the same text would get vectors that only their names tell apart
+    same = {}
+    for n, texts in found.items():
+        same.setdefault(tuple(t.lower() for t in texts), []).append(n)
+    same = [group for texts, group in same.items() if texts and len(group) > 1]
+    if same:
+        print(f"  {path}: {sum(map(len, same))} classes receive the same descriptions as "
+              f"another: " + "; ".join(" = ".join(repr(n) for n in g) for g in same[:5])
+              + (f" and {len(same) - 5} more groups" if len(same) > 5 else ""))
     return found
+
+
+def match_keys(keys_in_file, names, keys, ids, where):
+    """Which key of a descriptions file holds which class ({class name: key}), and the keys
+    that are no class of this dataset. keys: "name" (our readable names; case, '_' and spaces
+    as CLIP's tokenizer reads them), "wnid" (the ids of data/splits/, e.g. n01532829) or
+    "ilsvrc-order" (the i-th key is the i-th sorted ILSVRC-2012 wnid: key order, not the key's
+    text, names the class, as in Menon & Vondrick's file, whose keys were altered so that none
+    repeat). The first key of a class wins."""
+    def norm(n):
+        return " ".join(n.replace("_", " ").lower().split())
+    if keys == "name":
+        index, of_key = {norm(n): n for n in names}, norm
+    else:
+        index = {ids[n]: n for n in names if ids.get(n)}
+        if not index:
+            raise common.UserError(f"{where}: --descriptions-keys {keys} needs classes with ids "
+                                   f"(wnids of data/splits/); this dataset's have none: use name")
+        of_key = {k: k for k in keys_in_file}.get
+        if keys == "ilsvrc-order":
+            wnids = read_lines(ILSVRC_WNIDS)
+            if len(keys_in_file) != len(wnids):
+                raise common.UserError(f"{where} has {len(keys_in_file)} keys, not the "
+                                       f"{len(wnids)} ILSVRC-2012 classes that "
+                                       f"--descriptions-keys ilsvrc-order maps by position")
+            of_key = dict(zip(keys_in_file, wnids)).get
+    matched, unknown = {}, []
+    for k in keys_in_file:
+        n = index.get(of_key(k))
+        if n is None:
+            unknown.append(k)
+        else:
+            matched.setdefault(n, k)
+    return matched, unknown
+
+
+def article(word):
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def class_ids(dataset, root):
+    """{readable class name: id}: the wnid (mini-/tiered-ImageNet), the CIFAR fine name, the
+    folder of a folder dataset; {} for the toy worlds, whose classes have no other name."""
+    if dataset.startswith("toy"):
+        return {}
+    lists = [common.folder_classes(root, s) if dataset == "folder"
+             else common.split_classes(dataset, s) for s in common.SPLITS]
+    return {name: cid for rows in lists for cid, name in rows}
+
+
+def read_wordnet(folder):
+    """The noun synsets of a WordNet 3.0 database: {offset (8 digits): (lemmas, gloss
+    definitions, hypernym offsets)}, parsed from data.noun (its format: wndb(5WN)). A line is
+    'offset lex_filenum n w_cnt(hex) word lex_id ... p_cnt ptr... | gloss'; a hypernym
+    pointer is '@' (or '@i', an instance's) offset n 0000; the gloss is definitions and
+    quoted usage examples, separated by ';'."""
+    path = os.path.join(folder, "data.noun")
+    if not os.path.isfile(path):
+        raise common.UserError(f"--wordnet {folder}: no WordNet 3.0 database there (data.noun): "
+                               f"install the package wordnet-base (apt-get install wordnet-base) "
+                               f"or point --wordnet at nltk's corpora/wordnet folder")
+    synsets = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith(" "):  # the licence at the top
+                continue
+            head, _, gloss = line.partition(" | ")
+            fields = head.split()
+            n_words = int(fields[3], 16)
+            lemmas = [w.replace("_", " ") for w in fields[4:4 + 2 * n_words:2]]
+            lemmas = [re.sub(r"\((?:a|p|ip)\)$", "", w) for w in lemmas]  # adjective markers
+            at = 4 + 2 * n_words
+            ptrs = [fields[at + 1 + 4 * i: at + 5 + 4 * i] for i in range(int(fields[at]))]
+            hypernyms = [p[1] for p in ptrs if p[0] in ("@", "@i") and p[2] == "n"]
+            parts = [g.strip() for g in gloss.strip().split(";")]
+            definitions = [g for g in parts if g and not g.startswith('"')]
+            synsets[fields[0]] = (lemmas, definitions, hypernyms)
+    if not synsets:
+        raise common.UserError(f"--wordnet {folder}: {path} holds no synset: is it WordNet's "
+                               f"data.noun?")
+    return synsets
 
 
 class LLMError(Exception):
@@ -721,12 +883,14 @@ def retry_after(headers):
         return 0.0
 
 
-def chat(url, model, prompt, key=None, timeout=60.0):
+def chat(url, model, prompt, key=None, timeout=60.0, max_tokens=0):
     """One chat-completions request; returns the answer's text or raises LLMError.
-    Only model and messages are sent: the defaults of every server (some reject a
-    temperature or max_tokens) and the cache make runs reproducible anyway. At most
-    ANSWER_BYTES are read, within `timeout`; a redirect is refused (NoRedirect)."""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}]}).encode()
+    Only model and messages are sent (and max_tokens when given: some servers' default is
+    their whole context): the defaults of every server (some reject a temperature) and the
+    cache make runs reproducible anyway. At most ANSWER_BYTES are read, within `timeout`; a
+    redirect is refused (NoRedirect); a streamed answer (server-sent events) is read too."""
+    request = {"model": model, "messages": [{"role": "user", "content": prompt}]}
+    body = json.dumps(request | ({"max_tokens": max_tokens} if max_tokens else {})).encode()
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
@@ -751,7 +915,9 @@ def chat(url, model, prompt, key=None, timeout=60.0):
                            f"address): give the URL it names in --llm, if you trust it")
         # the standard reason phrase, not the server's own (which may echo the key)
         phrase = http.HTTPStatus(e.code).phrase if e.code in set(http.HTTPStatus) else "error"
-        hint = " (check the key)" if e.code in (401, 403) else ""
+        hint = {401: " (check the key)", 403: " (check the key)",
+                400: " (the server refused the request: over its context? a smaller "
+                     "--llm-max-tokens may fit)"}.get(e.code, "")
         raise LLMError(f"HTTP {e.code} {phrase}{hint}", retry=e.code >= 500 or e.code == 429,
                        wait=retry_after(e.headers) if e.code in (429, 503) else 0.0)
     except TimeoutError:
@@ -763,7 +929,7 @@ def chat(url, model, prompt, key=None, timeout=60.0):
     except (OSError, http.client.HTTPException) as e:
         raise LLMError(f"connection failed ({type(e).__name__})", retry=True)
     try:
-        data = json.loads(raw)
+        data = from_events(raw) if raw.lstrip().startswith(b"data:") else json.loads(raw)
         choice = data["choices"][0]
         message = choice["message"]
         if not isinstance(message, dict):
@@ -780,15 +946,52 @@ def chat(url, model, prompt, key=None, timeout=60.0):
                           if isinstance(part, dict) and isinstance(part.get("text"), str))
     if not isinstance(content, str) or not content.strip():
         raise LLMError("empty answer", retry=True)
+    content = answer_text(content, choice.get("finish_reason"))
+    if not content:  # (a reasoning model's answer is what follows its reasoning)
+        raise LLMError("empty answer: only reasoning or special tokens (a reasoning model may "
+                       "need a larger --llm-max-tokens)", retry=True)
     return clean_text(content)
 
 
-def ask(url, model, prompt, key=None, timeout=60.0, retries=2, backoff=2.0):
+def from_events(raw):
+    """A streamed answer (server-sent events: 'data: {chunk}' lines, then 'data: [DONE]'),
+    some servers send one even unasked, as one chat completion: the chunks' delta texts."""
+    parts, finish = [], None
+    for line in raw.decode("utf-8", "replace").splitlines():
+        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+            continue
+        choice = json.loads(line[5:])["choices"][0]
+        delta = choice.get("delta") or choice.get("message") or {}
+        if isinstance(delta.get("content"), str):
+            parts.append(delta["content"])
+        finish = choice.get("finish_reason") or finish
+    return {"choices": [{"message": {"content": "".join(parts)}, "finish_reason": finish}]}
+
+
+# what a chat model may write besides its answer: a reasoning block, and the special tokens
+# of its chat template where a server does not stop at them (the rest is another turn)
+_THINK = re.compile(r"<think>.*?(?:</think>|$)", re.S)
+_SPECIAL = re.compile(r"<\|[A-Za-z_]{2,24}\|>|</s>|\[/?INST\]")
+
+
+def answer_text(content, finish_reason=None):
+    """The answer in a model's message: its reasoning (<think>...</think>) dropped, cut at the
+    first special token (<|im_end|>, <|eot_id|>, </s>, ...) and, when the answer was cut off
+    by the token limit (finish_reason "length"), at the end of its last whole line or
+    sentence."""
+    text = _SPECIAL.split(_THINK.sub("", content), 1)[0].strip()
+    if finish_reason == "length" and text:
+        ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)|\n", text)]
+        text = text[:ends[-1]].strip() if ends else ""
+    return text
+
+
+def ask(url, model, prompt, key=None, timeout=60.0, retries=2, backoff=2.0, max_tokens=0):
     """chat() with bounded retries: at most 1 + retries requests, waits doubling, or longer
     where the server asks for it (Retry-After), but never more than `timeout` for that."""
     for attempt in range(retries + 1):
         try:
-            return chat(url, model, prompt, key, timeout)
+            return chat(url, model, prompt, key, timeout, max_tokens)
         except LLMError as e:
             if not e.retry or attempt == retries:
                 tries = "try" if attempt == 0 else "tries"
@@ -800,13 +1003,23 @@ _BULLET = re.compile(r"^(?:[-*+\u2022\u00b7\u2013>#]+|\(?\d{1,3}[.):]|\(?[a-zA-Z
 _REFUSAL = re.compile(r"^(?:i'?m sorry|i am sorry|sorry,|i can(?:no|')t|i am unable|i'm unable"
                       r"|as an ai)", re.I)
 _PREAMBLE = re.compile(r"^(?:here (?:are|is)|sure[,!.]|certainly[,!.]|of course[,!.])", re.I)
+# what a chat model adds around its descriptions: a closing remark, a note on itself
+_REMARK = re.compile(r"^(?:i hope|hope this|let me know|feel free|note:|these (?:descriptions|"
+                     r"are)|this (?:list|description)|i (?:have|'ve) (?:tried|included))", re.I)
+# a short label before a colon, as models write them: "Colour: bright red", "**Shape:** round"
+_LABEL = re.compile(r"^[\w][\w '/&()-]{0,40}:\s+(?=\S)")
+# where a long sentence is cut into clauses
+_CLAUSE = re.compile(r"\s*[;:\u2014]\s+|,\s+(?:and|but|while|whereas)\s+"
+                     r"|,\s+(?=(?:with|which)\s)|\s+\u2013\s+")
+WORDS = 25  # a statement of more words is cut into clauses (CLIP reads 77 tokens)
 
 
 def parse_descriptions(text, max_n=20):
-    """The descriptions in a model's answer, one per line: bullets, numbers, quotes,
-    markdown and code fences removed; headers, preambles and refusals dropped;
-    duplicates removed; a line of over 40 words or TEXT_CHARS characters is no short
-    description. A JSON list of strings is accepted too."""
+    """The descriptions in a model's answer, taken as it writes them: lines (bullets,
+    numbers, quotes and markdown removed; a short 'Label:' before the text dropped), cut into
+    sentences, and a sentence of over WORDS words into its clauses. Headers, preambles,
+    closing remarks and refusals are dropped, duplicates removed; a piece of over 40 words or
+    TEXT_CHARS characters is no description. A JSON list of strings is read too."""
     text = text.strip()
     try:
         items = json.loads(re.sub(r"^```\w*\s*|\s*```$", "", text))
@@ -817,22 +1030,42 @@ def parse_descriptions(text, max_n=20):
     out, seen = [], set()
     for line in lines:
         s = line.strip()
-        if s.startswith("```"):
+        if s.startswith("```") or s.endswith(":"):  # a code fence, a header
             continue
-        s = _BULLET.sub("", s).replace("**", "").replace("__", "").strip()
-        s = s.strip("\"'`\u201c\u201d\u2018\u2019").strip().rstrip(",;").strip()
-        if (not s or not re.search(r"[A-Za-z]", s) or s.endswith(":") or len(s.split()) > 40
-                or len(s) > TEXT_CHARS or _REFUSAL.match(s) or _PREAMBLE.match(s)):
-            continue
-        if s.lower() not in seen:
-            seen.add(s.lower())
-            out.append(s)
+        s = _BULLET.sub("", s).replace("**", "").replace("__", "").strip("*_ \t")  # (italics)
+        s = _LABEL.sub("", s) if len(s.split()) > 3 else s
+        for piece in statements(s):
+            piece = piece.strip("\"'`\u201c\u201d\u2018\u2019()").strip().rstrip(",;").strip()
+            if (not piece or not re.search(r"[A-Za-z]", piece) or piece.endswith(":")
+                    or len(piece.split()) > 40 or len(piece) > TEXT_CHARS
+                    or _REFUSAL.match(piece) or _PREAMBLE.match(piece) or _REMARK.match(piece)):
+                continue
+            if piece.lower() not in seen:
+                seen.add(piece.lower())
+                out.append(piece)
     return out[:max_n]
 
 
-def llm_cache_path(run, url, model, prompt, name):
-    """One file per (endpoint, model, prompt, class): a new prompt or model asks again."""
-    h = hashlib.sha256(json.dumps([redact(url), model, prompt, name]).encode()).hexdigest()[:24]
+def statements(line):
+    """A line's sentences, a long one (over WORDS words) cut into its clauses."""
+    out = []
+    for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'(\u201c])", line):
+        out += _CLAUSE.split(sentence) if len(sentence.split()) > WORDS else [sentence]
+    return out
+
+
+def unusable(content):
+    """Why an answer gave no description: a refusal, or no usable statement in it."""
+    first = _BULLET.sub("", content.strip()).strip("\"'*` ")
+    return ("the answer is a refusal" if _REFUSAL.match(first)
+            else "no usable description in the answer (off-topic?)")
+
+
+def llm_cache_path(run, url, model, prompt, name, max_tokens=0):
+    """One file per (endpoint, model, prompt, class, and --llm-max-tokens when given): a new
+    prompt or model asks again."""
+    asked = [redact(url), model, prompt, name] + [max_tokens] * bool(max_tokens)
+    h = hashlib.sha256(json.dumps(asked).encode()).hexdigest()[:24]
     return os.path.join(run, "cache", "llm", h + ".json")
 
 
@@ -847,7 +1080,7 @@ def ask_llms(llms, names, args, key):
 
     def job(src, url, model, name):
         prompt = args.llm_prompt.format(name=name, n=args.llm_n)
-        path = llm_cache_path(args.run, url, model, prompt, name)
+        path = llm_cache_path(args.run, url, model, prompt, name, args.llm_max_tokens)
         if os.path.exists(path):
             try:
                 with open(path, encoding="utf-8") as f:
@@ -860,22 +1093,27 @@ def ask_llms(llms, names, args, key):
         if args.llm_give_up and streak[src] >= args.llm_give_up:
             why = f"skipped: the model failed {args.llm_give_up} classes in a row"
             return src, name, None, why, False
+        t0 = time.monotonic()
         try:
             content = ask(url, model, prompt, key, args.llm_timeout, args.llm_retries,
-                          args.llm_backoff)
-            content = drop_secret_lines(content, secrets(url, key))
-            texts = parse_descriptions(content, 2 * args.llm_n)
-            if not texts:
-                raise LLMError("no usable description in the answer (refused or off-topic?)")
+                          args.llm_backoff, args.llm_max_tokens)
         except LLMError as e:
             with lock:
                 streak[src] += 1
             return src, name, None, str(e), False
+        # the server answered: an answer with no usable description says nothing about the
+        # server, so only a server's failures count towards --llm-give-up
         with lock:
             streak[src] = 0
+        content = drop_secret_lines(content, secrets(url, key))
+        texts = parse_descriptions(content, 2 * args.llm_n)
+        if not texts:
+            return src, name, None, unusable(content), False
         # only usable answers are cached: a failed class is asked again by the next run
+        # (the seconds it took are for bench/smollm2_stage2.py)
         common.atomic_write_text(json.dumps({"endpoint": redact(url), "model": model,
-                                             "prompt": prompt, "class": name, "content": content},
+                                             "prompt": prompt, "class": name, "content": content,
+                                             "seconds": round(time.monotonic() - t0, 2)},
                                             ensure_ascii=False, indent=1), path)
         return src, name, texts, None, False
 

@@ -149,7 +149,8 @@ def test_cache_and_resume(server, tmp_path):
     _, url, _ = mine.parse_llm_spec(f"{server.url}@good")
     llms = [(f"llm:good@{url}", url, "good")]
     args = types.SimpleNamespace(run=str(tmp_path), llm_prompt=PROMPT, llm_n=5, llm_timeout=5, llm_retries=0,
-                                 llm_backoff=0, llm_give_up=5, llm_workers=2)
+                                 llm_backoff=0, llm_give_up=5, llm_workers=2,
+                                 llm_max_tokens=0)
     before = count(server)
     first, failed = mine.ask_llms(llms, names, args, SECRET)
     assert count(server) - before == 3 and not failed[llms[0][0]]
@@ -169,7 +170,8 @@ def test_cache_and_resume(server, tmp_path):
 def test_give_up_on_a_dead_model(server, tmp_path):
     _, url, _ = mine.parse_llm_spec(f"{server.url}@err500")
     args = types.SimpleNamespace(run=str(tmp_path), llm_prompt=PROMPT, llm_n=5, llm_timeout=5, llm_retries=0,
-                                 llm_backoff=0, llm_give_up=2, llm_workers=1)
+                                 llm_backoff=0, llm_give_up=2, llm_workers=1,
+                                 llm_max_tokens=0)
     before = count(server, "err500")
     answers, failed = mine.ask_llms([("dead", url, "err500")], [f"class {i}" for i in range(6)], args, None)
     assert count(server, "err500") - before == 2 and not answers["dead"]

@@ -101,6 +101,7 @@ def llm_args(run, **kw):
     return types.SimpleNamespace(**{
         "run": str(run), "llm_prompt": "Describe the {name} in {n} lines.", "llm_n": 5,
         "llm_timeout": 5, "llm_retries": 0, "llm_backoff": 0, "llm_give_up": 0, "llm_workers": 1,
+        "llm_max_tokens": 0,
         **kw})
 
 
