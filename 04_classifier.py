@@ -5,9 +5,8 @@ Paper component: "a visual weight generator and a semantic weight reconstructor 
 construct optimal multimodal FSL classifiers" (Tang, He, Qin, IJCAI 2025; docs/DESIGN.md,
 stage 4).
 
-What it does (meta-trained on episodes of held-out base images, which the student never saw;
-student and bridge frozen)
-  For each class c of an episode, with support features S_c (K shots):
+What it does (meta-trained on held-out base images; student and bridge frozen), per class c of
+an episode with support features S_c (K shots):
     visual weight generator      w_v = a * mean(S_c) + b * attention read-out over the base-class
                                  weights (Gidaris & Komodakis 2018): each shot borrows the
                                  weights of the base classes it looks like.
@@ -27,14 +26,11 @@ student and bridge frozen)
   fold bridges, which never saw the class. Why: docs/DESIGN.md, stage 4.
 
 Inputs   <run>/01_student.pt, <run>/02_semantics.pt, <run>/03_bridge.pt
-Outputs  <run>/04_classifier.pt (or --out NAME): generator, reconstructor, gate, temperature,
-         config, upstream identities.
+Outputs  <run>/04_classifier.pt (or --out NAME): the weights, config, upstream identities.
 
-Our choices: base-class weights = normalised centres of the student's own base images (or the
-stage-1 CE head with --base-weights head); the shot count alternates between the --shots values
-from step to step, so one model serves 1-shot and 5-shot; AdamW; the best step by mean val
-accuracy over 1-shot and 5-shot episodes. --reconstructor semantic was chosen on val classes
-against visual (`bash experiments/reconstructor.sh`; docs/RESULTS.md).
+Our choices (docs/DESIGN.md, stage 4): base weights = centres of the student's own base images;
+the shot count alternates between --shots values; AdamW; the best step by mean val accuracy
+over 1-shot and 5-shot; --reconstructor on val classes (`bash experiments/stage4_val.sh`).
 """
 import copy
 import math

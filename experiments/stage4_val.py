@@ -38,22 +38,25 @@ def main(argv=None):
     val = common.load_split(args.dataset, "val", args.data_root)
     f = ev.student_feats(args.run, student_ck, val, device)
     parts = {}
+
+    def load(name, stage):
+        return common.load_checkpoint(os.path.join(args.run, name), stage, "")
     with torch.no_grad():
         for v in args.variants:
             name, files = v.split("=")
             clf, sem, br = (files.split(",") + [common.SEMANTICS, common.BRIDGE])[:3]
-            load = lambda n, stage: common.load_checkpoint(os.path.join(args.run, n), stage, "")  # noqa: E731
             s = load(sem, "mine")["state"]["val"].float()
             parts[name] = ev.trained_classifier(args.run, "syntrans", load(clf, "classifier"),
                                                 load(br, "bridge"), s, "val", device)
     names, acc, lines = list(parts), {}, []
     with torch.no_grad():
         for k in (1, 5):
-            cls, idx = common.sample_episodes(val.labels, 5, k, 15, args.episodes, seed=args.episode_seed)
+            cls, idx = common.sample_episodes(val.labels, 5, k, 15, args.episodes,
+                                              seed=args.episode_seed)
             for n in names:
-                acc[(n, k)] = ev.batched(lambda sl: ev.syntrans(parts[n], k, cls[sl],
-                                                                *common.split_episodes(f, idx[sl], k)),
-                                         len(idx), 500) * 100
+                def fn(sl):
+                    return ev.syntrans(parts[n], k, cls[sl], *common.split_episodes(f, idx[sl], k))
+                acc[(n, k)] = ev.batched(fn, len(idx), 500) * 100
     out = {"variants": args.variants, "episodes": args.episodes, "rows": [], "comparisons": []}
     lines = [f"{args.dataset}: val classes, stage-4 variants scored as the syntrans row, "
              f"{args.episodes} episodes per shot count (episode seed {args.episode_seed}), "
@@ -63,14 +66,17 @@ def main(argv=None):
         a = [common.ci95(acc[(n, k)]) for k in (1, 5)]
         out["rows"].append({"variant": n, "acc": [round(m, 2) for m, _ in a],
                             "ci95": [round(c, 2) for _, c in a]})
-        lines.append(f"| {n} | {v.split('=')[1]} | " + " | ".join(f"{m:.2f} ± {c:.2f}" for m, c in a)
+        cells = " | ".join(f"{m:.2f} ± {c:.2f}" for m, c in a)
+        lines.append(f"| {n} | {v.split('=')[1]} | {cells}"
                      + f" | {(a[0][0] + a[1][0]) / 2:.2f} |")
     lines += ["", "| paired difference | 1-shot | 5-shot |", "|---|---|---|"]
     for n in names[1:]:
         d = [common.ci95(acc[(n, k)] - acc[(names[0], k)]) for k in (1, 5)]
-        out["comparisons"].append({"method": n, "vs": names[0], "delta": [round(m, 2) for m, _ in d],
+        out["comparisons"].append({"method": n, "vs": names[0],
+                                   "delta": [round(m, 2) for m, _ in d],
                                    "ci95": [round(c, 2) for _, c in d]})
-        lines.append(f"| {n} − {names[0]} | " + " | ".join(f"{m:+.2f} ± {c:.2f}" for m, c in d) + " |")
+        cells = " | ".join(f"{m:+.2f} ± {c:.2f}" for m, c in d)
+        lines.append(f"| {n} − {names[0]} | {cells} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.run, "stage4_val.md"), "w", encoding="utf-8") as fh:
         fh.write(text)
