@@ -11,11 +11,11 @@ an episode with support features S_c (K shots):
                                  weights (Gidaris & Komodakis 2018): each shot borrows the
                                  weights of the base classes it looks like.
     semantic weight reconstructor  both directions of the bridge (stage 3): g reads the support
-                                 into the semantic space, g(S) = mean g(f(x)); a learned
-                                 per-class mix beta = sigmoid(MLP([cos(g(S), t_c), log K]))
-                                 rebuilds the class's semantic vector t'_c = (1 - beta) t_c +
-                                 beta g(S), and h maps it back: w_s = h(t'_c). (--reconstructor:
-                                 the mix in the visual space, one-way without g, or none.)
+                                 into the semantic space, g(S) = mean g(f(x)), and h maps it
+                                 back; a learned per-class mix beta = sigmoid(MLP([cos(g(S),
+                                 t_c), log K])) gives w_s = (1 - beta) h(t_c) + beta h(g(S)).
+                                 (--reconstructor: the mix made in the semantic space, h(t'_c),
+                                 one-way without g, or none.)
     adaptive fusion              alpha = gate([cos(w_v, w_s), log K]) in (0, 1) per class;
                                  w = alpha * w_v + (1 - alpha) * w_s.
   Queries are scored by a cosine classifier with a learned temperature s:
@@ -202,11 +202,11 @@ def get_args():
               "chosen on val classes against 1e-3 and 1e-1 (see header)")
     flag(p, "--weight-decay", type=float, default=5e-4, within="[0, inf)",
          help="AdamW weight decay")
-    flag(p, "--reconstructor", default="semantic", choices=list(READINGS),
-         help="the semantic weight reconstructor: semantic (t_c and g(S) mixed per class, then "
-              "h), visual (h(t_c) and h(g(S)) mixed per class), one-way (h(t_c) refined from "
+    flag(p, "--reconstructor", default="visual", choices=list(READINGS),
+         help="the semantic weight reconstructor: visual (h(t_c) and h(g(S)) mixed per class), "
+              "semantic (t_c and g(S) mixed per class, then h), one-way (h(t_c) refined from "
               "w_v, g unused: the syntrans-one-way row), none (w_s = h(t_c): the "
-              "syntrans-no-reconstructor row); semantic chosen on val classes (docs/RESULTS.md)")
+              "syntrans-no-reconstructor row); visual chosen on val classes (docs/RESULTS.md)")
     flag(p, "--visual-only", action="store_true",
          help="ablation: the visual weight generator alone, trained without semantics (w = w_v: "
               "the visual-generator row)")

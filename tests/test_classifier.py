@@ -48,9 +48,9 @@ def test_tiny_run_trains_and_writes_a_loadable_checkpoint(tiny_classifier_run):
 
     # the weights rebuild the classifier and the bridge it used (strict loading), and they
     # are trained: not the freshly initialised model; the reconstructor (--reconstructor
-    # semantic by default) has moved away from its start (its mix's last layer zero), while
+    # visual by default) has moved away from its start (its mix's last layer zero), while
     # the one-way reading's residual R, unused here, stays zero
-    assert ck["config"]["reconstructor"] == "semantic"
+    assert ck["config"]["reconstructor"] == "visual"
     model = FewShotClassifier(torch.zeros(ck["n_base"], d), ck["config"]["hidden"])
     model.load_state_dict(ck["state"]["model"])
     assert not torch.equal(model.phi_avg, torch.ones(d)) and not torch.equal(model.scale, torch.tensor(10.0))
