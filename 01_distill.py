@@ -101,6 +101,10 @@ def get_args():
          help="validate every this many epochs (and at the end)")
     flag(p, "--out", default=None, help=f"checkpoint name in the run folder (default "
          f"{common.STUDENT}, or {common.STUDENT_CE} when --distill-weight is 0)")
+    flag(p, "--heldout", type=float, default=0.2, within="[0, 1)",
+         help="real data: the fraction of each base class's images held out from training "
+              "(the last ones, by index), for stage 4's episodes; the toy world renders its "
+              "held-out images instead. 0.2 is a start, not chosen on val")
     flag(p, "--resume", action="store_true", help="continue from <out>.last.pt in the run folder")
     flag(p, "--workers", type=int, default=0, within="[0, inf)",
          help="DataLoader workers (file-based datasets)")
@@ -118,7 +122,9 @@ def main(argv=None):
         common.check_teacher(args)
 
     # ---- data: base classes for training, val classes for model selection
-    train = common.load_split(args.dataset, "train", args.data_root, args.image_size)
+    # (the held-out base images are never seen here: stage 4 meta-trains on them)
+    train = common.base_split(args.dataset, "train", args.data_root, args.image_size,
+                              args.heldout)
     val = common.load_split(args.dataset, "val", args.data_root, args.image_size)
     classes = common.class_names(args.dataset, args.data_root)
     args.block_size = args.block_size or common.dropblock_size(train.size)

@@ -399,8 +399,10 @@ def get_args():
          help="softmax temperature of the kept candidates' weights")
     flag(p, "--support-k", type=int, default=2, within="[1, inf)",
          help="k best matches used by the agreement and specificity scores")
-    flag(p, "--image-weight", type=float, default=1.0, within="[0, inf)",
-         help="weight of the base-class image vote (0: skip, and do not load the base images)")
+    flag(p, "--image-weight", type=float, default=0.0, within="[0, inf)",
+         help="weight of the base-class image vote (0, the default chosen on val classes: skip "
+              "it, so base vectors are made as val and novel ones are, and do not load the "
+              "base images; docs/RESULTS.md)")
     flag(p, "--compare", action="store_true",
          help="also measure teacher zero-shot accuracy on --split's classes: templates / all "
               "averaged / SynMine")

@@ -24,7 +24,8 @@ What it does
 
 Inputs   <run>/01_student.pt, <run>/02_semantics.pt (or --semantics NAME)
 Outputs  <run>/03_bridge.pt (or --out NAME): h, g, the out-of-fold base-class weights
-         (oof [C_base, d]), config, history, upstream identities.
+         (oof [C_base, d]), the fold bridges (folds: each class's fold, their weights),
+         config, history, upstream identities.
 
 Our choices (not from the paper; reasons in docs/DESIGN.md, stage 3): 2-layer MLPs with
 dropout, cosine losses on L2-normalised vectors, one learned temperature per cosine
@@ -191,7 +192,9 @@ def main(argv=None):
     student = common.load_student(st, device)
 
     # ---- data: base-class features (training), val-class features and fixed episodes
-    train = common.load_split(args.dataset, "train", args.data_root, args.image_size)
+    # the images the student was trained on (not its held-out ones: stage 4 meta-trains on them)
+    train = common.base_split(args.dataset, "train", args.data_root, args.image_size,
+                              st["config"].get("heldout", 0.0))
     val = common.load_split(args.dataset, "val", args.data_root, args.image_size)
     val_cls, val_idx = common.val_episodes(val, 1, args.val_episodes, args.seed)
     n_base = len(train.classes)
@@ -218,9 +221,12 @@ def main(argv=None):
     # The main bridge was fit on the base classes, so its h(t_c) there is far better than any
     # novel class's will be. Stage 4 learns how much to trust the semantic weight from
     # base-class episodes, so each fold's classes get h(t_c) from a bridge fit on the others.
-    oof = None
+    oof, folds = None, None
     if args.folds > 1:
         oof = torch.zeros(n_base, f_train.shape[1], device=device)
+        # the fold bridges themselves too: stage 4's reconstructor reads a base class's support
+        # with g and maps back with h of the bridge that never saw the class
+        folds = {"of": torch.zeros(n_base, dtype=torch.long), "states": []}
         order = torch.randperm(n_base, generator=torch.Generator().manual_seed(args.seed))
         for i, held in enumerate(order.chunk(args.folds)):
             keep = torch.ones(n_base, dtype=torch.bool)
@@ -233,6 +239,8 @@ def main(argv=None):
                                     f"fold {i + 1}/{args.folds}")
             with torch.no_grad():
                 oof[held] = fold_bridge.to_visual(t_train[held.to(device)])
+            folds["of"][held] = i
+            folds["states"].append({k: v.cpu() for k, v in fold_bridge.state_dict().items()})
         oof = oof.cpu()
 
     out = os.path.join(args.run, args.out)
@@ -240,7 +248,7 @@ def main(argv=None):
                            state=bridge.state_dict(),
                            upstream={args.student: st["id"], args.semantics: sem["id"]},
                            dims={"sem": t_train.shape[1], "vis": f_train.shape[1]},
-                           oof=oof, history=history, best_acc=best[0],
+                           oof=oof, folds=folds, history=history, best_acc=best[0],
                            seconds=time.time() - t0)
     last = history[-1]
     print(f"wrote {out}: best val 1-shot fixed mix {best[0]:.2f}% (last epoch: zero-shot "

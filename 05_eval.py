@@ -84,13 +84,22 @@ def fixed_fusion(x, k, cls, s, q):
 
 
 def visual_generator(x, k, cls, s, q):
-    """Stage 4's visual weight w_v alone (support mean + attention read-out over base weights)."""
+    """Stage 4's visual weight generator trained alone, without semantics (support mean +
+    attention read-out over base weights; its own checkpoint)."""
     return x["model"].logits(q, x["model"].visual_weight(s))
 
 
 def syntrans(x, k, cls, s, q):
-    """Stage 4's classifier: w_v and h(t_c) fused by its gate."""
-    return x["model"].logits(q, x["model"](s, x["w"][cls])[0])
+    """Stage 4's classifier: w_v and its reconstructed w_s fused by its gate."""
+    return x["model"].logits(q, classify(x, cls, s)[0])
+
+
+def classify(x, cls, s):
+    """Stage 4's (w, w_v, w_s, alpha) for the episodes' classes: the reconstructor reads the
+    support into the semantic space with the bridge's g and maps back with its h."""
+    read = {"t": x["t"][cls], "g": F.normalize(x["bridge"].to_semantic(s).mean(2), dim=-1),
+            "h": x["bridge"].to_visual}
+    return x["model"](s, x["w"][cls], read=read)
 
 
 # name, function, the features it scores, the checkpoints it needs (keys of FILES, in stage
@@ -103,7 +112,11 @@ ROWS = [
     Row("clip-zero-shot", clip_zero_shot, "teacher", ["semantics"]),
     Row("semantic-only", semantic_only, "student", ["semantics", "bridge"]),
     Row("fixed-fusion", fixed_fusion, "student", ["semantics", "bridge"]),
-    Row("visual-generator", visual_generator, "student", ["semantics", "bridge", "syntrans"]),
+    Row("visual-generator", visual_generator, "student",
+        ["semantics", "bridge", "visual-generator"]),
+    Row("syntrans-no-reconstructor", syntrans, "student",
+        ["semantics", "bridge", "syntrans-no-reconstructor"]),
+    Row("syntrans-one-way", syntrans, "student", ["semantics", "bridge", "syntrans-one-way"]),
     Row("syntrans-fixed-gate", syntrans, "student", ["semantics", "bridge", "syntrans-fixed-gate"]),
     Row("syntrans", syntrans, "student", ["semantics", "bridge", "syntrans"]),
     Row("syntrans-shuffled", syntrans, "student", ["semantics", "bridge", "syntrans-shuffled"]),
@@ -111,18 +124,20 @@ ROWS = [
         ["semantics-templates", "bridge-templates", "syntrans-templates"]),
 ]
 
-# paired differences (row, minus row, what the difference isolates); the first five
-# are the chain protonet-ce -> ... -> syntrans, each step adding one thing
+# paired differences (row, minus row, what the difference isolates); the first four are
+# the chain protonet-ce -> ... -> syntrans, each step adding one thing
 COMPARISONS = [
     ("protonet-distilled", "protonet-ce", "distillation from the teacher (stage 1)"),
+    ("visual-generator", "protonet-distilled",
+     "stage 4's visual weight generator, trained alone (attention read-out over base weights)"),
+    ("syntrans-no-reconstructor", "visual-generator",
+     "adding semantics, w_s = h(t_c), through the per-class gate"),
+    ("syntrans", "syntrans-no-reconstructor", "the semantic weight reconstructor"),
+    ("syntrans", "syntrans-one-way",
+     "the reconstructor's use of g (both directions of the bridge against h alone)"),
+    ("syntrans", "syntrans-fixed-gate", "the per-class gate"),
     ("fixed-fusion", "protonet-distilled",
      "semantics through the bridge, one fixed mix (stages 2-3)"),
-    ("visual-generator", "fixed-fusion",
-     "stage 4's visual generator alone, against the fixed fusion"),
-    ("syntrans-fixed-gate", "visual-generator",
-     "adding h(t_c) to w_v with one learned mix for all classes"),
-    ("syntrans", "syntrans-fixed-gate", "the per-class gate"),
-    ("visual-generator", "protonet-distilled", "the attention read-out over base-class weights"),
     ("syntrans", "fixed-fusion", "all of stage 4"),
     ("syntrans", "protonet-distilled", "the whole method against the student's own prototypes"),
     ("syntrans", "syntrans-shuffled",
@@ -146,6 +161,14 @@ FILES = {
     "semantics": File("mine", common.SEMANTICS, "run 02_mine.py --run {run}"),
     "bridge": File("bridge", common.BRIDGE, "run 03_bridge.py --run {run}"),
     "syntrans": File("classifier", common.CLASSIFIER, "run 04_classifier.py --run {run}"),
+    "visual-generator": File("classifier", "04_classifier_visual.pt",
+                             "run 04_classifier.py --visual-only --out {name} --run {run}"),
+    "syntrans-no-reconstructor": File("classifier", "04_classifier_no_rec.pt",
+                                      "run 04_classifier.py --reconstructor none --out {name} "
+                                      "--run {run}"),
+    "syntrans-one-way": File("classifier", "04_classifier_one_way.pt",
+                             "run 04_classifier.py --reconstructor one-way --out {name} "
+                             "--run {run}"),
     "syntrans-fixed-gate": File("classifier", "04_classifier_fixed_gate.pt",
                                 "run 04_classifier.py --gate shared --out {name} --run {run}"),
     "syntrans-shuffled": File("classifier", "04_classifier_shuffled.pt",
@@ -222,7 +245,7 @@ def main(argv=None):
                 mix = choose_mix(bridge, ck["semantics"], f_val, val, shots, mixes, args, device)
                 parts["bridge"] = {"w": bridge.to_visual(parts["semantics"]["text"]), "mix": mix}
         for sem, br, name in [r.files for r in rows if len(r.files) == 3]:  # stage 4's rows
-            if name not in parts:  # visual-generator and syntrans read the same classifier
+            if name not in parts:
                 parts[name] = trained_classifier(run, name, ck[name], ck[br], semantics(sem),
                                                  split_name, device)
 
@@ -305,7 +328,9 @@ def trained_classifier(run, name, c, bridge_ck, sem, split_name, device):
     stage 4's shuffled order."""
     cfg = c["config"]
     m = FewShotClassifier(torch.zeros(c["n_base"], c["dim"]), cfg["hidden"],
-                          per_class_gate=cfg.get("gate", "per-class") == "per-class").to(device)
+                          per_class_gate=cfg.get("gate", "per-class") == "per-class",
+                          reconstructor=cfg.get("reconstructor", "none"),
+                          semantics=not cfg.get("visual_only", False)).to(device)
     try:
         m.load_state_dict(c["state"]["model"])
     except RuntimeError:  # written by an older 04_classifier.py with other layer shapes
@@ -315,7 +340,7 @@ def trained_classifier(run, name, c, bridge_ck, sem, split_name, device):
     b = common.load_weights(Bridge.from_checkpoint(bridge_ck, device), c, "bridge")
     if cfg.get("shuffle_semantics"):
         sem = sem[classifier_stage.shuffled_order(len(sem), cfg["seed"], split_name).to(device)]
-    return {"model": m.eval(), "w": b.eval().to_visual(sem)}
+    return {"model": m.eval(), "w": b.eval().to_visual(sem), "t": sem, "bridge": b}
 
 
 # ----------------------------------------------------------------------------------
@@ -347,7 +372,7 @@ def gate_per_class(clf, f, cls, idx, k, n_classes, batch):
     total, count = torch.zeros(n_classes), torch.zeros(n_classes)
     for i in range(0, len(idx), batch):
         s, _ = common.split_episodes(f, idx[i:i + batch], k)
-        alpha = clf["model"](s, clf["w"][cls[i:i + batch]])[3]                   # [E, N]
+        alpha = classify(clf, cls[i:i + batch], s)[3]                            # [E, N]
         total.index_add_(0, cls[i:i + batch].flatten().cpu(), alpha.flatten().cpu())
         count.index_add_(0, cls[i:i + batch].flatten().cpu(), torch.ones(alpha.numel()))
     return total / count.clamp(min=1)

@@ -30,7 +30,7 @@ import stat
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -900,6 +900,59 @@ def read_split(dataset, split, root=None, size=None):
 def load_split(dataset, split, root=None, size=None):
     """One split, its image files decoded once (decode_once) for every later pass."""
     return decode_once(read_split(dataset, split, root, size))
+
+
+def base_split(dataset, part, root=None, size=None, heldout=0.2):
+    """The base classes' images, in two parts disjoint by index: "train", the images stage 1
+    trains the student on, and "heldout", images the student never sees, on which stage 4
+    meta-trains (its episodes as hard as a novel class's: docs/DESIGN.md, stage 4). The toy
+    world renders its held-out images (toyworld.build_heldout: later indices of the same
+    classes, so the student keeps its few per class); real data holds out the last
+    `heldout` fraction of each class's images (01_distill.py --heldout)."""
+    if dataset.startswith("toy"):
+        if part == "train":
+            return load_split(dataset, "train", root, size)
+        return _toy_heldout(dataset)
+    full = read_split(dataset, "train", root, size)
+    if part == "train" and heldout == 0:
+        return decode_once(full)  # nothing held out: the split as before
+    if heldout == 0:
+        raise UserError("stage 4 meta-trains on held-out base images, and this student was trained "
+                        "on all of them (01_distill.py --heldout 0): rerun 01_distill.py with "
+                        "--heldout above 0")
+    held = heldout_mask(full.labels, heldout)
+    idx = torch.nonzero(held if part == "heldout" else ~held).flatten()
+    images = full.images[idx] if full.images is not None else None
+    paths = [full.paths[int(i)] for i in idx] if full.paths is not None else None
+    sub = replace(full, split=part, labels=full.labels[idx], images=images, paths=paths,
+                  data_id=f"{full.data_id}-{part}{heldout}")
+    return decode_once(sub)
+
+
+def heldout_mask(labels, fraction):
+    """[N] bool: per class, the last round(fraction * n) of its images (by index) are held out;
+    at least one is, and at least one is kept, where a class has two or more."""
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).flatten()
+        n = min(max(round(fraction * len(idx)), 1), len(idx) - 1) if len(idx) > 1 else 0
+        held[idx[len(idx) - n:]] = n > 0
+    return held
+
+
+def _toy_heldout(name, seed=0):
+    """The toy world's held-out base images, rendered once into the image store."""
+    import toyworld
+    recipe = toyworld.heldout_recipe(name, seed)
+    classes = [toyworld.class_name(a) for a in toyworld.make_classes(seed)["train"]]
+    labels = torch.arange(len(classes)).repeat_interleave(toyworld.N_HELDOUT[name])
+
+    def render(out):
+        out[:] = toyworld.build_heldout(name, seed)[0].numpy()
+    images = image_store(f"{name}-heldout-{recipe}", (len(labels), 3, toyworld.SIZE, toyworld.SIZE),
+                         render)
+    return Split(name, "heldout", classes, labels, images=images, size=toyworld.SIZE,
+                 ids=list(classes), data_id=recipe)
 
 
 def class_names(dataset, root=None):

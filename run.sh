@@ -83,8 +83,11 @@ run 2 02_mine.py "${ARGS[@]}" --sources templates --out "$T"
 echo "== stage 3: VSBird, the visual-semantic bridge"
 run 3 03_bridge.py "${ARGS[@]}" $S3
 run 3 03_bridge.py "${ARGS[@]}" $S3 --semantics "$T" --out 03_bridge_templates.pt
-echo "== stage 4: visual weight generator + semantic weight reconstructor (and three ablations)"
+echo "== stage 4: visual weight generator + semantic weight reconstructor (and six ablations)"
 run 4 04_classifier.py "${ARGS[@]}" $S4
+run 4 04_classifier.py "${ARGS[@]}" $S4 --visual-only --out 04_classifier_visual.pt
+run 4 04_classifier.py "${ARGS[@]}" $S4 --reconstructor none --out 04_classifier_no_rec.pt
+run 4 04_classifier.py "${ARGS[@]}" $S4 --reconstructor one-way --out 04_classifier_one_way.pt
 run 4 04_classifier.py "${ARGS[@]}" $S4 --gate shared --out 04_classifier_fixed_gate.pt
 run 4 04_classifier.py "${ARGS[@]}" $S4 --shuffle-semantics --out 04_classifier_shuffled.pt
 run 4 04_classifier.py "${ARGS[@]}" $S4 --semantics "$T" --bridge 03_bridge_templates.pt \

@@ -315,6 +315,32 @@ def split_recipe(name, split, seed=0):
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+# Held-out base images: more images of each base class, indices n_train ... of the same seed
+# stream, so none is one of the student's images. Stage 4 meta-trains on them (episodes as
+# hard as a novel class's); the student stays data-starved at n_train per class.
+N_HELDOUT = {"toy": 60, "toy-tiny": 24}  # as many as a val or novel class has (n_eval)
+
+
+def build_heldout(name, seed=0):
+    """The held-out images of the base classes: (images uint8 [N, 3, 32, 32], labels [N],
+    class names), image i of a class being its index n_train + i (build_split's are 0 ...)."""
+    classes = make_classes(seed)["train"]
+    n0, n = SCALES[name]["n_train"], N_HELDOUT[name]
+    all_ids = {a: k for k, a in enumerate(sum(make_classes(seed).values(), []))}
+    items = [((all_ids[a], n0 + i), a) for a in classes for i in range(n)]
+    images = torch.from_numpy(_render_many(items, "train", seed)).permute(0, 3, 1, 2).contiguous()
+    return images, torch.arange(len(classes)).repeat_interleave(n), [class_name(a) for a in classes]
+
+
+def heldout_recipe(name, seed=0):
+    """The identity of build_heldout(name, seed)'s pixels (as split_recipe is a split's)."""
+    import hashlib
+    import inspect
+    parts = [split_recipe(name, "train", seed), inspect.getsource(build_heldout),
+             repr(N_HELDOUT[name])]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def caption(attrs, rng):
     """Alt-text style caption: mentions a random subset of the attributes in synonyms
     and vague words, never in the label words that class names are made of."""

@@ -6,7 +6,7 @@
 #                                          zero-shot accuracy of the mined vectors on val classes
 #                                          (02_mine.py --compare --split val; needs only the teacher)
 #                                          -> runs/toy-defaults/mining.md
-#   bash experiments/defaults.sh stage4   stage 4's --gate-lr, --train-rec and --w-rec, by the
+#   bash experiments/defaults.sh stage4   stage 4's --gate-lr and --w-rec, by the
 #                                          val table (05_eval.py --split val), on the stages 1-3 of
 #                                          experiments/seeds.sh's runs (runs/toy-seeds/seedS, trained
 #                                          first if absent) -> runs/toy-defaults/sweep_val.md
@@ -17,7 +17,7 @@ PY=${PYTHON:-python3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # as run.sh: the same figures whatever the core count
 KEEPS=${KEEPS:-0.5 0.7 0.9 1} TEMPERATURES=${TEMPERATURES:-0.03 0.1 0.3 1}
 # name:flags of each stage-4 variant ("default" is the checked-in default; "," and "=" stand for spaces)
-VARIANTS=${VARIANTS:-"default: gate-lr-1e-3:--gate-lr=1e-3 gate-lr-1e-1:--gate-lr=1e-1 train-rec:--train-rec train-rec-w-rec-1:--train-rec,--w-rec=1"}
+VARIANTS=${VARIANTS:-"default: gate-lr-1e-3:--gate-lr=1e-3 gate-lr-1e-1:--gate-lr=1e-1 w-rec-1:--w-rec=1"}
 case "${1:-}" in
   mining)
     mined=()

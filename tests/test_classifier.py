@@ -47,12 +47,14 @@ def test_tiny_run_trains_and_writes_a_loadable_checkpoint(tiny_classifier_run):
     assert ck["best_acc"] == max((h["val_1shot"] + h["val_5shot"]) / 2 for h in ck["history"])
 
     # the weights rebuild the classifier and the bridge it used (strict loading), and they
-    # are trained: not the freshly initialised model; the reconstructor, untrained by
-    # default, is still the identity (its last layer zero)
+    # are trained: not the freshly initialised model; the reconstructor (--reconstructor
+    # visual by default) has moved away from its start (its mix's last layer zero), while
+    # the one-way reading's residual R, unused here, stays zero
+    assert ck["config"]["reconstructor"] == "visual"
     model = FewShotClassifier(torch.zeros(ck["n_base"], d), ck["config"]["hidden"])
     model.load_state_dict(ck["state"]["model"])
     assert not torch.equal(model.phi_avg, torch.ones(d)) and not torch.equal(model.scale, torch.tensor(10.0))
-    assert not model.rec[-1].weight.any() and not model.rec[-1].bias.any()
+    assert model.rec_mix[-1].weight.any() and not model.rec[-1].weight.any()
     bridge = Bridge(bridge_ck["dims"]["sem"], d, bridge_ck["config"]["hidden"], bridge_ck["config"]["dropout"])
     bridge.load_state_dict(ck["state"]["bridge"])
     assert all(torch.equal(v, bridge_ck["state"][k]) for k, v in ck["state"]["bridge"].items())  # frozen by default
@@ -64,14 +66,39 @@ def test_tiny_run_trains_and_writes_a_loadable_checkpoint(tiny_classifier_run):
     assert logits.shape == (2, 5, 3, 5) and alpha.shape == (2, 5) and torch.isfinite(logits).all()
 
 
-def test_train_rec_trains_the_reconstructor_and_w_rec_asks_for_it(tmp_path, tiny_stage3_run):
+def test_the_one_way_reconstructor_trains_and_w_rec_trains_it_too(tmp_path, tiny_stage3_run):
     run = copy_run(tiny_stage3_run, tmp_path / "run")
-    with pytest.raises(common.UserError, match="--train-rec"):
-        clf.main(["--run", run, *TINY, *TINY_CLASSIFIER, "--w-rec", "1"])
     with torch_threads(1):
-        clf.main(["--run", run, *TINY, *TINY_CLASSIFIER, "--train-rec", "--w-rec", "1"])
+        clf.main(["--run", run, *TINY, *TINY_CLASSIFIER, "--reconstructor", "one-way", "--w-rec", "1"])
     ck = common.load_checkpoint(os.path.join(run, common.CLASSIFIER), "classifier", "")
     assert ck["state"]["model"]["rec.2.weight"].any()  # moved away from the identity
+
+
+def test_the_reconstructor_changes_w_s_where_the_support_disagrees_with_t_c():
+    """--reconstructor semantic: w_s = h(mix of t_c and g(S)); where g(S) agrees with t_c it is
+    h(t_c), where it disagrees it moves towards h(g(S)), by the learned per-class mix beta."""
+    torch.manual_seed(0)
+    d, m = 16, 12
+    h_map = torch.nn.Linear(m, d)
+    h = lambda t: F.normalize(h_map(t), dim=-1)  # noqa: E731
+    t = F.normalize(torch.randn(2, 5, m), dim=-1)
+    other = F.normalize(torch.randn(2, 5, m), dim=-1)
+    support = torch.randn(2, 5, 1, d)
+    for reading in ("semantic", "visual"):
+        model = FewShotClassifier(torch.randn(30, d), hidden=8, reconstructor=reading).eval()
+        with torch.no_grad():
+            agree = model(support, h(t), read={"t": t, "g": t, "h": h})[2]
+            disagree = model(support, h(t), read={"t": t, "g": other, "h": h})[2]
+            assert torch.allclose(agree, h(t), atol=1e-6)  # the same vector: nothing to rebuild
+            assert (F.cosine_similarity(disagree, h(t), dim=-1) < 0.999).all()
+            assert (F.cosine_similarity(disagree, h(other), dim=-1)
+                    > F.cosine_similarity(h(t), h(other), dim=-1)).all()
+    # without the bridge at hand the semantic readings refuse, rather than fall back silently
+    with pytest.raises(ValueError, match="read"):
+        FewShotClassifier(torch.randn(30, d), reconstructor="semantic")(support, h(t))
+    # none: w_s is h(t_c) whatever the support says
+    model = FewShotClassifier(torch.randn(30, d), reconstructor="none").eval()
+    assert torch.allclose(model(support, h(t), read={"t": t, "g": other, "h": h})[2], h(t).detach())
 
 
 def test_a_bridge_built_on_another_student_is_refused(tmp_path, tiny_stage3_run):
@@ -121,7 +148,7 @@ def test_loss_goes_down_on_a_fixed_set_of_episodes():
     centres = class_centres(base)
     sem = F.normalize(centres + torch.randn(64, D, generator=g) / D ** 0.5, dim=-1)  # roughly right semantics
     torch.manual_seed(0)
-    model = FewShotClassifier(centres, hidden=32)
+    model = FewShotClassifier(centres, hidden=32, reconstructor="one-way")  # R: the old default class
     episodes = {k: common.sample_episodes(base.labels, 5, k, 10, 8, seed=k) for k in (1, 5)}
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
 
@@ -156,7 +183,7 @@ def train_gate(informative, seed=0, steps=300):
     base, novel = synthetic_split(g, 64, 20), synthetic_split(g, 20, 20)
     centres, novel_centres = class_centres(base), class_centres(novel)
     torch.manual_seed(seed)
-    model = FewShotClassifier(centres, hidden=32)
+    model = FewShotClassifier(centres, hidden=32, reconstructor="one-way")  # R: the old default class
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
     for step in range(steps):
         k = (1, 5)[step % 2]
@@ -181,25 +208,29 @@ def test_without_semantic_information_the_gate_leans_on_the_visual_weights():
 
 def test_the_scripts_training_gate_with_and_without_shuffle_semantics(tmp_path, monkeypatch):
     """04_classifier.main itself on synthetic features (its data loading swapped out; the
-    bridge's h an identity so that h(t_c) = t_c), with true centres as semantics, and with
-    --shuffle-semantics: the gate on val classes must move towards the visual weights."""
+    bridge's h an identity so that h(t_c) = t_c, no reconstructor, as its g is random), with
+    true centres as semantics, and with --shuffle-semantics: the gate on val classes must move
+    towards the visual weights."""
     g = torch.Generator().manual_seed(0)
     splits = {"train": synthetic_split(g, 64, 20), "val": synthetic_split(g, 16, 24)}
     sem = {s: class_centres(v) for s, v in splits.items()}
 
     def load_upstream(args, classes, device):
-        ck = {"distill": {"id": "student"}, "mine": {"id": "semantics", "state": sem}, "bridge": {"id": "bridge"}}
+        ck = {"distill": {"id": "student", "config": {}}, "mine": {"id": "semantics", "state": sem}, "bridge": {"id": "bridge"}}
         bridge = Bridge(D, D, 8, 0.0)
         bridge.h = nn.Identity()
         return ck, None, bridge
     monkeypatch.setattr(clf, "load_upstream", load_upstream)
     monkeypatch.setattr(common, "load_split", lambda dataset, split, root=None, size=None: splits[split])
+    # the held-out base images: here the same synthetic base split
+    monkeypatch.setattr(common, "base_split", lambda dataset, part, root=None, size=None, heldout=0.2:
+                        splits["train"])
     monkeypatch.setattr(common, "student_features", lambda run, net, sid, split, device: split.feats)
 
     def gate(*flags):
         run = str(tmp_path / f"run{len(flags)}")
         clf.main(["--run", run, *TINY, "--steps", "300", "--val-every", "300", "--val-episodes", "100",
-                  "--hidden", "32", "--lr", "1e-3", *flags])
+                  "--hidden", "32", "--lr", "1e-3", "--reconstructor", "none", *flags])
         return common.load_checkpoint(os.path.join(run, common.CLASSIFIER), "classifier", "")["history"][-1]
     informative, shuffled = gate(), gate("--shuffle-semantics")
     assert informative["gate_1shot"] < 0.5 and informative["val_1shot"] > 95, informative
@@ -219,7 +250,7 @@ def test_shared_gate_gives_every_class_one_mix_the_per_class_gate_does_not():
     support, _ = common.split_episodes(base.feats, idx, 1)
     torch.manual_seed(0)
     for per_class in (True, False):
-        model = FewShotClassifier(centres, hidden=32, per_class_gate=per_class)
+        model = FewShotClassifier(centres, hidden=32, per_class_gate=per_class, reconstructor="one-way")
         with torch.no_grad():
             for p in model.gate.parameters():  # a gate that does depend on its inputs
                 p.normal_()

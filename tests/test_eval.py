@@ -93,6 +93,11 @@ def tiny_pipeline(tmp_path_factory, tiny_stage3_run, make_semantics):
     with torch_threads(1):
         importlib.import_module("01_distill").main(["--run", run, *TINY, *TINY_STUDENT, "--distill-weight", "0"])
         classifier(["--run", run, *TINY, *TINY_CLASSIFIER])
+        classifier(["--run", run, *TINY, *TINY_CLASSIFIER, "--visual-only", "--out", f["visual-generator"]])
+        classifier(["--run", run, *TINY, *TINY_CLASSIFIER, "--reconstructor", "none",
+                    "--out", f["syntrans-no-reconstructor"]])
+        classifier(["--run", run, *TINY, *TINY_CLASSIFIER, "--reconstructor", "one-way",
+                    "--out", f["syntrans-one-way"]])
         classifier(["--run", run, *TINY, *TINY_CLASSIFIER, "--gate", "shared", "--out", f["syntrans-fixed-gate"]])
         classifier(["--run", run, *TINY, *TINY_CLASSIFIER, "--shuffle-semantics", "--out", f["syntrans-shuffled"]])
         make_semantics(run, out=f["semantics-templates"], template="{name}")
@@ -135,7 +140,7 @@ def test_paired_differences_along_the_chain(tiny_pipeline, stem):
     acc = {(r["method"], r["shots"]): r["acc"] for r in out["rows"]}
     paired = {(p["method"], p["vs"], p["shots"]): p for p in out["comparisons"]}
     assert set(paired) == {(a, b, k) for a, b, _ in evaluation.COMPARISONS for k in (1, 5)}
-    chain = ["protonet-ce", "protonet-distilled", "fixed-fusion", "visual-generator", "syntrans-fixed-gate", "syntrans"]
+    chain = ["protonet-ce", "protonet-distilled", "visual-generator", "syntrans-no-reconstructor", "syntrans"]
     assert all((a, b, 1) in paired for b, a in zip(chain, chain[1:]))  # each step of the chain against the one below
     for (a, b, k), p in paired.items():
         assert p["ci95"] >= 0 and p["what"]

@@ -209,10 +209,11 @@ def test_stage1_bad_arguments(tmp_path, capsys, argv, parts):
 def test_stage4_refuses_ways_and_shots_the_split_cannot_supply(full_run, capsys):
     classes = common.class_names("toy-tiny")
     code, _, err = run_stage(capsys, "04_classifier", "--run", full_run, *WORLD, "--n-way", "65")
-    one_line_error(code, err, "65-way episodes need 65 classes; toy-tiny train has 64: lower --n-way")
-    code, _, err = run_stage(capsys, "04_classifier", "--run", full_run, *WORLD, "--shots", "1,6")
-    one_line_error(code, err, f"toy-tiny train class '{classes['train'][0]}' has 20 images; 6-shot episodes with 15 "
-                              f"queries need 21: lower --n-way, --shots or --n-query")
+    # stage 4's episodes are the held-out base images (24 per class in toy-tiny)
+    one_line_error(code, err, "65-way episodes need 65 classes; toy-tiny heldout has 64: lower --n-way")
+    code, _, err = run_stage(capsys, "04_classifier", "--run", full_run, *WORLD, "--shots", "1,10")
+    one_line_error(code, err, f"toy-tiny heldout class '{classes['train'][0]}' has 24 images; 10-shot episodes with "
+                              f"15 queries need 25: lower --n-way, --shots or --n-query")
     code, _, err = run_stage(capsys, "04_classifier", "--run", full_run, *WORLD, "--steps", "0")
     one_line_error(code, err, "--steps 0 is out of range", "[1, inf)")
     assert not os.path.exists(os.path.join(full_run, common.CLASSIFIER))

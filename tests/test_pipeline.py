@@ -22,7 +22,8 @@ def test_run_sh_tiny_pipeline_writes_the_full_table(tmp_path):
     # every stage left its checkpoint in the one run folder
     for name in ["01_student.pt", "01_student_ce.pt", "02_semantics.pt", "02_semantics_templates.pt",
                  "03_bridge.pt", "03_bridge_templates.pt", "04_classifier.pt", "04_classifier_templates.pt",
-                 "04_classifier_fixed_gate.pt", "04_classifier_shuffled.pt",
+                 "04_classifier_fixed_gate.pt", "04_classifier_shuffled.pt", "04_classifier_visual.pt",
+                 "04_classifier_no_rec.pt", "04_classifier_one_way.pt",
                  "results.json", "results.md", "results_val.json", "results_val.md"]:
         assert (run / name).exists(), name
 
