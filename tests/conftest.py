@@ -128,3 +128,28 @@ def tiny_stage3_run(tmp_path_factory, tiny_stage1_run):
     with torch_threads(1):
         stage("03_bridge").main(["--run", run, *TINY, *TINY_BRIDGE])
     return run
+
+
+# The one-line-error checks of tests/test_failures.py and tests/test_hardening.py
+
+def run_stage(capsys, name, *argv):
+    """A stage's main() under run_main, as its command line runs it: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        common.run_main(lambda: stage(name).main(list(argv)))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, *parts):
+    """The stage stopped with exit code 2 and a one-line message, the last thing on stderr
+    (before it there may be progress bars, which go to stderr too)."""
+    assert code == 2 and "Traceback" not in err and err.count("error: ") == 1, err
+    assert err.endswith("\n"), err
+    err = err.replace("\r", "\n").rstrip("\n").split("\n")[-1]
+    assert err.startswith("error: "), err
+    assert all(p in err for p in parts), err
+    return err

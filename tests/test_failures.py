@@ -5,7 +5,6 @@ gets a real SIGINT. Cases covered elsewhere: dataset root missing / wrong layout
 folders not in the split lists (test_datasets.py), truncated, wrong-stage and
 newer-format checkpoints and weights_only loading (test_common.py), language-model
 failures and the API key never being written (test_mine.py)."""
-import importlib
 import io
 import os
 import shutil
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 
 import common
+from conftest import one_line_error, run_stage, stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = ["--dataset", "toy-tiny", "--clip", "toy-clip-tiny"]
@@ -34,33 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def stage(name):
-    return importlib.import_module(name)
-
-
-def run_stage(capsys, name, *argv):
-    """A stage's main() under run_main, as its command line runs it: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        common.run_main(lambda: stage(name).main(list(argv)))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, *parts):
-    """The stage stopped with exit code 2 and a one-line message, the last thing on stderr
-    (before it there may be progress bars, which go to stderr too)."""
-    assert code == 2 and "Traceback" not in err and err.count("error: ") == 1, err
-    assert err.endswith("\n"), err
-    err = err.replace("\r", "\n").rstrip("\n").split("\n")[-1]
-    assert err.startswith("error: "), err
-    assert all(p in err for p in parts), err
-    return err
 
 
 def copy_run(src, dst, *files):

@@ -4,7 +4,6 @@ the loader hashes the bytes it loaded, refuses a FIFO, a hand-edited record and 
 one line; --resume refuses other data; printing that fails (python -OO, stdout on /dev/full,
 an ascii stdout) is one line after the files are written; a teacher file with other content
 is named as such in stage 5 too. Every test here failed on the code before issue 22."""
-import importlib
 import io
 import os
 import subprocess
@@ -16,34 +15,10 @@ import torch
 from PIL import Image
 
 import common
-from conftest import TINY, TINY_STUDENT, copy_run
+from conftest import TINY, TINY_STUDENT, copy_run, one_line_error, run_stage, stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def stage(name):
-    return importlib.import_module(name)
-
-
-def run_stage(capsys, name, *argv):
-    """A stage's main() under run_main, as its command line runs it: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        common.run_main(lambda: stage(name).main(list(argv)))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, *parts):
-    """Exit code 2 and one line "error: ..." last on stderr (progress bars may come before)."""
-    assert code == 2 and "Traceback" not in err and err.count("error: ") == 1, err
-    last = err.replace("\r", "\n").rstrip("\n").split("\n")[-1]
-    assert last.startswith("error: ") and all(p in last for p in parts), last
-    return last
 
 
 def subprocess_env(**extra):

@@ -30,7 +30,7 @@ def run_sh(tmp_path, preset, **env):
 
 def check_commands(cmds, tmp_path, real=True):
     """cmds: each command's arguments after the interpreter."""
-    assert len(cmds) == 12 + real and (cmds[0][:2] == ["common.py", "check"]) == real
+    assert len(cmds) == 15 + real and (cmds[0][:2] == ["common.py", "check"]) == real
     for c in cmds:
         if c[0] != "common.py":
             assert c[c.index("--run") + 1] == "/tmp/x --epochs 1 --out 01_student.pt"  # one arg
