@@ -134,6 +134,7 @@ def tiny_stage3_run(tmp_path_factory, tiny_stage1_run):
 
 def run_stage(capsys, name, *argv):
     """A stage's main() under run_main, as its command line runs it: (exit code, stdout, stderr)."""
+    import common
     capsys.readouterr()
     try:
         common.run_main(lambda: stage(name).main(list(argv)))
