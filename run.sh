@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole SynTrans pipeline, five stages in order, into one run folder.
 #
-#   bash run.sh                 the offline toy world on a CPU (about 5 minutes on 2 cores) -> runs/toy/results.md
+#   bash run.sh                 the offline toy world on a CPU (under 10 minutes on 2 cores) -> runs/toy/results.md
 #   bash run.sh toy-tiny        a tiny toy run (a minute or two; what the end-to-end test runs)
 #   DATA_ROOT=/data/cifar bash run.sh cifar-fs      a real benchmark on one GPU (docs/REAL_DATA.md):
 #   cifar-fs | fc100 | mini-imagenet | tiered-imagenet | folder (your own dataset),
