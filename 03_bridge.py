@@ -98,10 +98,11 @@ def evaluate(bridge, feats, t, episodes_cls, episodes_idx, mix):
     return zero.mean().item() * 100, mixed.mean().item() * 100
 
 
-def fit(args, f_train, y_train, t_train, centres, val_eps, device, desc):
+def fit(args, f_train, y_train, t_train, centres, val_eps, device, desc, log=None):
     """Train one bridge on base features f_train (labels y_train index t_train and
     centres); keep the epoch with the best 1-shot fixed mix on val_eps = (features,
-    semantics, episode classes, episode indices) of the val split.
+    semantics, episode classes, episode indices) of the val split; `log` (a common.Log)
+    gets a record per epoch.
     Returns (bridge with the best weights, history, (best mix %, its zero-shot %))."""
     from tqdm import tqdm
     bridge = Bridge(t_train.shape[1], f_train.shape[1], args.hidden, args.dropout).to(device)
@@ -132,8 +133,9 @@ def fit(args, f_train, y_train, t_train, centres, val_eps, device, desc):
             opt.step()
         last_finite = watch.flush()
         zero, mixed = evaluate(bridge, *val_eps, args.mix)
-        common.log(args, phase=desc, epoch=epoch + 1, loss=last_finite, val_zero_shot=zero,
-                   val_1shot_mix=mixed, lr=args.lr, images=(epoch + 1) * len(f_train))
+        if log is not None:
+            log.write(phase=desc, epoch=epoch + 1, loss=last_finite, val_zero_shot=zero,
+                      val_1shot_mix=mixed, lr=args.lr, images=(epoch + 1) * len(f_train))
         history.append({"epoch": epoch + 1, "loss": last_finite, "val_zero_shot": zero,
                         "val_1shot_mix": mixed})
         if (mixed, zero) > best[0]:  # ties on the mix are broken by zero-shot accuracy
@@ -214,8 +216,9 @@ def main(argv=None):
     t_train, centres = t_train.to(device), centres.to(device)
     val_eps = (f_val.to(device), t_val.to(device), val_cls, val_idx)
     t0 = time.time()
-    common.Log(args.run, args.out)  # <run>/03_bridge_log.jsonl: fit() writes an epoch a line
-    bridge, history, best = fit(args, f_train, y_train, t_train, centres, val_eps, device, "bridge")
+    log = common.Log(args.run, args.out)  # <run>/03_bridge_log.jsonl: an epoch a line
+    bridge, history, best = fit(args, f_train, y_train, t_train, centres, val_eps, device,
+                                "bridge", log)
 
     # ---- cross-fitting: out-of-fold semantic weights for the base classes (used by stage 4)
     # The main bridge was fit on the base classes, so its h(t_c) there is far better than any
@@ -236,7 +239,7 @@ def main(argv=None):
             rows = keep.to(device)[y_train]
             fold_bridge, _, _ = fit(args, f_train[rows], relabel.to(device)[y_train[rows]],
                                     t_train[keep], centres[keep], val_eps, device,
-                                    f"fold {i + 1}/{args.folds}")
+                                    f"fold {i + 1}/{args.folds}", log)
             with torch.no_grad():
                 oof[held] = fold_bridge.to_visual(t_train[held.to(device)])
             folds["of"][held] = i

@@ -1503,9 +1503,6 @@ class LossWatch:
         return self.last
 
 
-_LOGS = {}  # path -> the Log a stage opened, for log()
-
-
 class Log:
     """<run>/<name>_log.jsonl, one JSON record a line, written (and flushed) as a stage trains:
     `name` is the stage's output file without .pt (01_student, 04_classifier_shuffled, ...),
@@ -1518,7 +1515,6 @@ class Log:
         import time
         self.path = os.path.join(run, f"{os.path.splitext(os.path.basename(name))[0]}_log.jsonl")
         self.t0, self.clock, self.mode = time.time(), time.time, "a" if append else "w"
-        _LOGS[self.path] = self
 
     def write(self, **record):
         seconds = self.clock() - self.t0
@@ -1537,16 +1533,6 @@ class Log:
             if self.mode == "w":  # not even the first record: leave no empty file
                 with contextlib.suppress(OSError):
                     os.remove(self.path)
-
-
-def log(args, **record):
-    """One record into the Log the stage opened for args.out (nothing when none is open: a
-    test that calls a stage's function directly)."""
-    run, out = getattr(args, "run", None), getattr(args, "out", None)
-    name = out and f"{os.path.splitext(os.path.basename(out))[0]}_log.jsonl"
-    path = run and name and os.path.join(run, name)
-    if path in _LOGS:
-        _LOGS[path].write(**record)
 
 
 def read_log(path):
