@@ -989,13 +989,8 @@ def cache_folder(*parts):
     nothing is made in it."""
     root = cache_dir()
     folder = os.path.join(root, *parts)
-    found = os.path.abspath(folder)
-    while not os.path.lexists(found):  # the part that exists already
-        found = os.path.dirname(found)
     try:
-        if not os.path.isdir(found):
-            raise NotADirectoryError(errno.ENOTDIR, f"{found} is not a folder")
-        tempfile.TemporaryFile(dir=found).close()
+        writable_part(folder, os.path.lexists)  # (a dangling link there: not a folder)
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         unset = "" if os.environ.get("SYNTRANS_CACHE") else " (unset, it is ~/.cache/syntrans)"
@@ -1902,16 +1897,26 @@ def check_same_config(ckpt, path, config, ignore=()):
 
 def check_run_folder(run):
     """Refuse, before any work, a --run folder that cannot be written (or is a file)."""
-    folder = os.path.abspath(run)
-    while not os.path.exists(folder):  # the part of --run that exists already
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise UserError(f"--run {run}: {folder} is a file, not a folder: choose another --run")
     try:
-        tempfile.TemporaryFile(dir=folder).close()
+        writable_part(run)
+    except NotADirectoryError as e:
+        raise UserError(f"--run {run}: {e.filename} is a file, not a folder: "
+                        f"choose another --run") from None
     except OSError as e:
         raise UserError(f"--run {run} cannot be written ({e.strerror}): "
                         f"choose a folder you can write to") from None
+
+
+def writable_part(folder, exists=os.path.exists):
+    """The part of `folder` that exists already, once it is known to be a folder that can be
+    written to (a file there: NotADirectoryError naming it; else the OSError of trying)."""
+    found = os.path.abspath(folder)
+    while not exists(found):
+        found = os.path.dirname(found)
+    if not os.path.isdir(found):
+        raise NotADirectoryError(errno.ENOTDIR, f"{found} is not a folder", found)
+    tempfile.TemporaryFile(dir=found).close()
+    return found
 
 
 def check_output(path, stage):
